@@ -1,0 +1,203 @@
+"""A small GPT (nanoGPT-style) and batched sampling with a KV cache.
+
+Rows of a batch have different lengths. Training pads on the right (plain causal attention; the pads come after every
+real token, so they cannot change it). Sampling pads prompts on the *left* so that every row's next token sits in the
+same column; each row then gets its own positions and a mask that hides its pads.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128  # longest sequence (prompt + completion) the model sees
+    vocab_size: int = 23
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far: (n_layer, B, H, T_max, D) each."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens already stored
+
+    def update(self, layer: int, k, v):
+        """Store this step's keys/values for `layer` and return all of them so far."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.n_head, self.layer = config.n_head, layer
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, mask=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        if cache is not None:
+            k, v = cache.update(self.layer, k.to(cache.k.dtype), v.to(cache.v.dtype))
+        # mask=None means a plain causal batch; otherwise mask (B, 1, T, T_keys) says which keys each query sees.
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(config.n_embd), CausalSelfAttention(config, layer)
+        self.ln_2, self.mlp = nn.LayerNorm(config.n_embd), MLP(config)
+
+    def forward(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, positions=None, mask=None, cache=None):
+        """Logits (B, T, V); with `targets` (-1 = ignore) also the mean cross-entropy."""
+        if positions is None:
+            positions = torch.arange(idx.size(1), device=idx.device)
+        x = self.wte(idx) + self.wpe(positions)
+        for block in self.blocks:
+            x = block(x, mask, cache)
+        if cache is not None:
+            cache.length += idx.size(1)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+
+
+def token_logprobs(model: GPT, idx, exclude=()):
+    """log p(idx[:, t+1] | idx[:, :t+1]) for every t: (B, T-1). Rows are right-padded, so plain causal attention.
+
+    `exclude`: ids the sampler never draws (the pad), left out of the distribution just as `generate` does.
+    """
+    logits = model(idx[:, :-1]).float()
+    if exclude:
+        logits[:, :, list(exclude)] = float("-inf")
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, idx[:, 1:, None]).squeeze(2)
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (B, N) sampled ids, `pad_id` after the stop token
+    logprobs: torch.Tensor  # (B, N) log-prob of each sampled id under the sampling distribution, 0 after the stop
+    lengths: torch.Tensor  # (B,) tokens up to and including the stop token
+
+
+def sample_next(logits, temperature: float, top_k, forbid, generator):
+    """Draw one token per row from (B, V) logits; returns the ids and their log-probs."""
+    logits = logits.float()
+    if forbid:
+        logits[:, list(forbid)] = float("-inf")
+    if temperature == 0:  # greedy: the log-prob is that of the model's own (temperature 1) distribution
+        tok = logits.argmax(-1)
+        return tok, torch.gather(F.log_softmax(logits, -1), 1, tok[:, None]).squeeze(1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logp = F.log_softmax(logits, -1)
+    tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+    return tok, torch.gather(logp, 1, tok[:, None]).squeeze(1)
+
+
+def padded_causal_mask(valid):
+    """(B, 1, T, T) attention mask: causal, hiding pad keys (valid (B, T) is False at pads)."""
+    T = valid.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    # A left pad has no real key before it; letting every token see itself keeps its softmax finite (no NaN).
+    return (causal & valid[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=valid.device)
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_id: int, temperature=1.0,
+             top_k=None, forbid=(), generator=None, use_cache=True) -> Generation:
+    """Sample a completion for every prompt (lists of ids) at once, stopping each row at `stop_id`.
+
+    `pad_id` is never drawn (it only fills rows that have stopped), nor is any id in `forbid`.
+    With the KV cache the prompts are run once (prefill) and then one token per step for the whole batch;
+    `use_cache=False` recomputes the whole prefix every step (same results, only there to measure and test against).
+    """
+    device = model.wte.weight.device
+    B = len(prompts)
+    idx = pad_sequence([torch.as_tensor(p, device=device) for p in prompts], batch_first=True,
+                       padding_value=pad_id, padding_side="left")
+    L = idx.size(1)
+    if L + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds block_size {model.config.block_size}")
+    valid = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=device)  # which keys are real tokens
+    valid[:, :L] = idx != pad_id
+    positions = (valid[:, :L].cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens from 0
+    cache = KVCache(model.config, B, L + max_new_tokens, device, model.wte.weight.dtype) if use_cache else None
+    logits = model(idx, positions=positions, mask=padded_causal_mask(valid[:, :L]), cache=cache)[:, -1]
+    seq, pos = idx, positions
+    tokens, logprobs = [], []
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        tok, lp = sample_next(logits, temperature, top_k, (*forbid, pad_id), generator)
+        tok = tok.masked_fill(finished, pad_id)
+        tokens.append(tok)
+        logprobs.append(lp.masked_fill(finished, 0.0))
+        finished = finished | (tok == stop_id)
+        if t == max_new_tokens - 1 or (t % 8 == 7 and bool(finished.all())):  # check rarely: each check syncs a GPU
+            break
+        next_pos = pos[:, -1:] + 1
+        if use_cache:  # one new query; it may see every real key so far
+            logits = model(tok[:, None], positions=next_pos, mask=valid[:, None, None, :L + t + 1], cache=cache)[:, -1]
+            pos = next_pos
+        else:
+            seq, pos = torch.cat([seq, tok[:, None]], 1), torch.cat([pos, next_pos], 1)
+            logits = model(seq, positions=pos, mask=padded_causal_mask(valid[:, :seq.size(1)]))[:, -1]
+    tokens, logprobs = torch.stack(tokens, 1), torch.stack(logprobs, 1)
+    return Generation(tokens, logprobs, (tokens != pad_id).sum(1))

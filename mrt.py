@@ -1,0 +1,274 @@
+"""Meta Reinforcement Fine-Tuning (Qu et al., 2025), at toy scale. Read top to bottom.
+
+Notation (the paper's):  x a problem,  z = [z_0, z_1, ..., z_{k-1}] the thinking stream cut into episodes,
+μ the meta-prover (the same model, forced to stop thinking and answer),  J(μ | x, z_{0:j}) its success rate after
+episodes 0..j,  J(π*) a comparator's success rate,  r(x, z) the 0/1 outcome reward,  α the weight of the progress bonus.
+"""
+import random
+from dataclasses import dataclass
+
+import torch
+
+import tasks
+from model import generate
+
+
+# ----------------------------------------------------------------------------- episodes
+def split_episodes(thinking: list[int]) -> list[list[int]]:
+    """Cut a thinking stream z into episodes [z_0, z_1, ...] at the backtrack markers.
+
+    An attempt is one episode; a backtrack episode is <|backtrack|> and the line that names the step it returns to.
+    Concatenating the episodes gives back the stream exactly; empty episodes are dropped.
+    """
+    episodes, current, in_backtrack = [], [], False
+    for tok in thinking:
+        if tok == tasks.BACKTRACK_ID:
+            episodes.append(current)
+            current, in_backtrack = [], True
+        current.append(tok)
+        if in_backtrack and tok == tasks.NEWLINE_ID:  # the backtrack line ends here; the next attempt begins
+            episodes.append(current)
+            current, in_backtrack = [], False
+    episodes.append(current)
+    return [e for e in episodes if e]
+
+
+def split_completion(completion: list[int]):
+    """(thinking, answer) token lists: the answer starts at <|answer|>; trailing pads are dropped."""
+    completion = [t for t in completion if t != tasks.PAD_ID]
+    cut = completion.index(tasks.ANSWER_ID) if tasks.ANSWER_ID in completion else len(completion)
+    return completion[:cut], completion[cut:]
+
+
+# ----------------------------------------------------------------------------- the meta-prover μ
+def forced_answer_context(prompt: list[int], episodes: list[list[int]], j: int) -> list[int]:
+    """The input of μ after j episodes: x, z_{0:j-1}, then <|answer|> (the model must answer now)."""
+    return prompt + [t for e in episodes[:j] for t in e] + [tasks.ANSWER_ID]
+
+
+@dataclass
+class MetaProver:
+    """μ: continue a context that ends in <|answer|> with <|backtrack|> forbidden, and verify the answer (0/1)."""
+    model: torch.nn.Module
+    task: object
+    max_answer_tokens: int = 24
+    temperature: float = 1.0
+    generator: torch.Generator | None = None
+    chunk: int = 1024  # rows per generate() call: bounds the KV cache's memory
+
+    def __call__(self, problems: list, contexts: list[list[int]]) -> list[int]:
+        rewards = []
+        for i in range(0, len(contexts), self.chunk):
+            ctx = contexts[i:i + self.chunk]
+            room = self.model.config.block_size - max(map(len, ctx))
+            gen = generate(self.model, ctx, min(self.max_answer_tokens, room), tasks.EOS_ID, tasks.PAD_ID,
+                           self.temperature, forbid=(tasks.BACKTRACK_ID,), generator=self.generator)
+            answers = gen.tokens.tolist()
+            rewards += [tasks.verify(self.task, p, tasks.ANSWER + tasks.decode(a)) for p, a in
+                        zip(problems[i:i + self.chunk], answers)]
+        return rewards
+
+
+def estimate_success(meta_prover, problems: list, contexts: list[list[int]], n_rollouts: int) -> list[float]:
+    """Monte Carlo J(μ | x, z_{0:j}) ≈ (1/n) Σ_i r(x, μ-rollout_i) for every (problem, context) pair.
+
+    Identical pairs are estimated once, and all rollouts of all contexts go to μ as one batch.
+    """
+    unique = {}
+    for p, c in zip(problems, contexts):
+        unique.setdefault((p, tuple(c)), (p, c))
+    pairs = list(unique.values())
+    rewards = meta_prover([p for p, _ in pairs for _ in range(n_rollouts)],
+                          [c for _, c in pairs for _ in range(n_rollouts)])
+    value = {k: sum(rewards[i * n_rollouts:(i + 1) * n_rollouts]) / n_rollouts for i, k in enumerate(unique)}
+    return [value[(p, tuple(c))] for p, c in zip(problems, contexts)]
+
+
+def episode_values(meta_prover, problems, prompts, episode_lists, n_rollouts, max_episodes=None) -> list[list[float]]:
+    """[J(μ | x), J(μ | x, z_0), J(μ | x, z_{0:1}), ...] for each stream, up to `max_episodes` episodes.
+
+    Past the end of a stream its value stays at the full stream's value (the model stopped thinking).
+    """
+    rows, flat_p, flat_c = [], [], []
+    for p, prompt, eps in zip(problems, prompts, episode_lists):
+        k = len(eps) if max_episodes is None else max_episodes
+        rows.append(k + 1)
+        for j in range(k + 1):
+            flat_p.append(p)
+            flat_c.append(forced_answer_context(prompt, eps, min(j, len(eps))))
+    flat = estimate_success(meta_prover, flat_p, flat_c, n_rollouts)
+    out, i = [], 0
+    for n in rows:
+        out.append(flat[i:i + n])
+        i += n
+    return out
+
+
+# ----------------------------------------------------------------------------- progress and regret
+def progress_bonus(values: list[float]) -> list[float]:
+    """r_prg(z_j; c_{j-1}) = J(μ | x, z_{0:j}) − J(μ | x, z_{0:j-1}) for j = 0..k-1.
+
+    `values` = [J(μ | x), J(μ | x, z_0), ..., J(μ | x, z_{0:k-1})] (k+1 numbers) -> k bonuses.
+    """
+    return [after - before for before, after in zip(values[:-1], values[1:])]
+
+
+def cumulative_regret(values: list[float], j_star: float = 1.0) -> list[float]:
+    """Δ_k(x; π) = Σ_{j=0}^{k-1} ( J(π*) − J(μ | x, z_{0:j}) ) for k = 1..K.
+
+    `values` as in `progress_bonus`; values[0] = J(μ | x) has no episode and so is not part of the sum.
+    Default J(π*) = 1: every problem here is solvable, so an oracle comparator always succeeds.
+    """
+    regret, total = [], 0.0
+    for v in values[1:]:
+        total += j_star - v
+        regret.append(total)
+    return regret
+
+
+# ----------------------------------------------------------------------------- rewards and the REINFORCE loss
+def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """A_i = r_i − mean(r over the G samples of the same prompt); rewards (P, G).
+
+    A group-mean baseline with no std division (as Dr. GRPO argues: dividing by the std up-weights prompts that are
+    almost always or almost never solved), so the outcome advantage and the progress bonus share one 0/1 scale.
+    """
+    return rewards - rewards.mean(dim=1, keepdim=True)
+
+
+def token_advantages(outcome_advantage: float, episode_lengths: list[int], bonuses: list[float], alpha: float,
+                     length: int) -> torch.Tensor:
+    """Per-token credit of one completion of `length` tokens (episodes first, then the answer).
+
+    Every token gets the outcome advantage; a token of episode j also gets α · r_prg(z_j) — its *own* episode's
+    bonus, not the sum of later ones (that sum telescopes to J_final − J_{j-1}: outcome RL with a baseline).
+    """
+    adv = torch.full((length,), float(outcome_advantage))
+    start = 0
+    for n, bonus in zip(episode_lengths, bonuses):
+        adv[start:start + n] += alpha * bonus
+        start += n
+    return adv
+
+
+def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """−(1/|tokens|) Σ_t A_t log π(y_t | ·) over the generated tokens (mask (B, T)); on-policy, no KL term."""
+    return -(logprobs * advantages * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- sampling and budget forcing
+def complete(model, contexts: list[list[int]], max_new_tokens: int, generator=None, temperature=1.0):
+    """Sample a continuation of every context at once; returns (token lists without pads, the Generation)."""
+    room = model.config.block_size - max(map(len, contexts))
+    gen = generate(model, contexts, min(max_new_tokens, room), tasks.EOS_ID, tasks.PAD_ID, temperature,
+                   generator=generator)
+    return [[t for t in row if t != tasks.PAD_ID] for row in gen.tokens.tolist()], gen
+
+
+def sample_completions(model, task, problems, max_new_tokens: int, generator=None, temperature=1.0):
+    """Prompts (token lists), one sampled completion per problem, and the Generation (for its log-probs)."""
+    prompts = [tasks.encode(task.prompt(p)) for p in problems]
+    return (prompts, *complete(model, prompts, max_new_tokens, generator, temperature))
+
+
+def budget_cut(thinking: list[int], budget: int) -> list[int]:
+    """The first `budget` thinking tokens, less an unfinished last line (μ answers from complete lines only)."""
+    cut = thinking[:budget]
+    while cut and cut[-1] != tasks.NEWLINE_ID:
+        cut.pop()
+    return cut
+
+
+def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, n_rollouts=1) -> dict:
+    """Accuracy when thinking is stopped after B tokens and μ must answer, for each B in `budgets`.
+
+    A stream that finished thinking within B keeps its own answer (a budget-agnostic model needs no forcing).
+    """
+    out = {}
+    for budget in budgets:
+        own, ctx_p, ctx_c, slots = {}, [], [], []
+        for i, (p, prompt, comp) in enumerate(zip(problems, prompts, completions)):
+            thinking, answer = split_completion(comp)
+            if answer and len(thinking) <= budget:
+                own[i] = tasks.verify(task, p, tasks.decode(comp))
+            else:
+                slots.append(i)
+                ctx_p.append(p)
+                ctx_c.append(prompt + budget_cut(thinking, budget) + [tasks.ANSWER_ID])
+        forced = dict(zip(slots, estimate_success(meta_prover, ctx_p, ctx_c, n_rollouts))) if slots else {}
+        out[budget] = sum({**own, **forced}.values()) / len(problems)
+    return out
+
+
+# ----------------------------------------------------------------------------- the backtracking warm-start
+@dataclass
+class Trace:
+    """One warm-start example: a first attempt z_0 and, if it failed, where to backtrack and the new attempt z_2."""
+    problem: tuple
+    first_attempt: list  # z_0's steps
+    keep: int | None = None  # steps of z_0 the backtrack keeps (None: z_0 was right, no backtrack)
+    new_steps: list | None = None  # z_2's steps (after the kept prefix)
+
+    def texts(self) -> list[tuple[str, str]]:
+        """SFT (context, target) pairs: the loss skips the context (a wrong z_0 is not something to imitate)."""
+        lines = tasks.steps_text
+        if self.keep is None:
+            return [("", lines(self.first_attempt) + tasks.ANSWER + lines(self.first_attempt) + tasks.EOS)]
+        z0, z1 = lines(self.first_attempt), f"{tasks.BACKTRACK}{self.keep}\n"
+        answer = lines(self.first_attempt[:self.keep] + self.new_steps) + tasks.EOS
+        # the second pair teaches μ to answer right after the backtrack episode, from the kept steps
+        return [(z0, z1 + lines(self.new_steps) + tasks.ANSWER + answer), (z0 + z1 + tasks.ANSWER, answer)]
+
+
+def restart_steps(task, problem, attempt) -> list[int]:
+    """Steps k worth backtracking to: z_0's first k steps are legal and a solution goes on with a *different* step k."""
+    last = min(tasks.valid_prefix(task, problem, attempt), len(attempt) - 1) if attempt else 0
+    return [k for k in range(last + 1) if other_solutions(task, problem, attempt, k)]
+
+
+def other_solutions(task, problem, attempt, k) -> list[list[str]]:
+    """Solutions that keep z_0's first k steps and then leave it (their step k differs from z_0's)."""
+    state = tasks.run_steps(task, problem, attempt[:k])
+    return [s for s in task.solutions(state, problem[1]) if k >= len(attempt) or s[0] != attempt[k]]
+
+
+def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng: random.Random) -> Trace:
+    """Backtrack to the step with the highest restart success rate (ties: keep more), then attempt anew.
+
+    `rates[k]` is the Monte Carlo success rate of restarting after z_0's first k steps; `rollouts[k]` lists the
+    step lists of the base model's successful restarts. z_2 is one of those that leaves z_0 at step k, or else
+    a solver's solution that does.
+    """
+    keep = max(rates, key=lambda k: (rates[k], k))
+    good = [s[keep:] for s in rollouts.get(keep, []) if keep >= len(attempt) or s[keep] != attempt[keep]]
+    new_steps = good[0] if good else rng.choice(other_solutions(task, problem, attempt, keep))[keep:]
+    return Trace(problem, attempt, keep, new_steps)
+
+
+def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, generator, rng) -> list[Trace]:
+    """The paper's warm-start recipe: sample z_0 from the base model; for a failed one, estimate by Monte Carlo the
+    success rate of restarting from each of its steps, and write the trace that backtracks to the best one."""
+    prompts, firsts, _ = sample_completions(model, task, problems, max_new_tokens, generator)
+    traces, failed = [], {}
+    for i, (p, comp) in enumerate(zip(problems, firsts)):
+        attempt = tasks.parse_output(tasks.decode(comp)).attempts[0]
+        if tasks.is_correct(task, p, attempt):
+            traces.append(Trace(p, attempt))
+        else:
+            failed[i] = attempt
+    jobs = [(i, k) for i, att in failed.items() for k in restart_steps(task, problems[i], att) for _ in range(n_rollouts)]
+    kept_text = lambda i, k: tasks.steps_text(failed[i][:k])
+    conts = complete(model, [prompts[i] + tasks.encode(kept_text(i, k)) for i, k in jobs], max_new_tokens,
+                     generator)[0] if jobs else []
+    rates, rollouts = {}, {}
+    for (i, k), cont in zip(jobs, conts):
+        text = kept_text(i, k) + tasks.decode(cont)
+        ok = tasks.verify(task, problems[i], text)
+        rates.setdefault(i, {}).setdefault(k, 0.0)
+        rates[i][k] += ok / n_rollouts
+        parsed = tasks.parse_output(text)
+        if ok and not parsed.backtracks and tasks.is_correct(task, problems[i], parsed.attempts[0]):
+            rollouts.setdefault(i, {}).setdefault(k, []).append(parsed.attempts[0])
+    for i in sorted(rates):
+        traces.append(make_trace(task, problems[i], failed[i], rates[i], rollouts.get(i, {}), rng))
+    return traces

@@ -1,0 +1,240 @@
+"""The world the model lives in: a character-level tokenizer and the Countdown search task.
+
+One model output (everything after the prompt) has a single text format, shared by every stage:
+
+    <|bos|>3 7 9:21\n                   prompt x: the numbers, then the target
+    9-7=2\n2*3=6\n                      attempt z_0: one step `a op b=c` per line
+    <|backtrack|>0\n                    backtrack episode z_1: keep the first 0 steps of the last attempt
+    7*3=21\n...                         attempt z_2: continues from the kept steps (they are not rewritten)
+    <|answer|>9*3=27\n27-7=20\n<|eos|>  the final, clean solution (all steps from the start)
+
+Everything before <|answer|> is the *thinking* stream; the verifier only scores the answer.
+"""
+import functools
+import random
+import re
+from dataclasses import dataclass
+
+import tiktoken
+
+# ----------------------------------------------------------------------------- tokenizer
+ALPHABET = "0123456789+-*/=: \n"
+SPECIALS = ["<|bos|>", "<|eos|>", "<|backtrack|>", "<|answer|>", "<|pad|>"]
+BOS, EOS, BACKTRACK, ANSWER, PAD = SPECIALS
+_SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIALS))
+
+
+def make_tokenizer() -> tiktoken.Encoding:
+    """One token per character of ALPHABET, plus one id per special token."""
+    ranks = {ch.encode(): i for i, ch in enumerate(ALPHABET)}
+    specials = {s: len(ALPHABET) + i for i, s in enumerate(SPECIALS)}
+    # `[\s\S]` splits text into single characters (newline included), so BPE never merges anything.
+    return tiktoken.Encoding(name="mrt-char", pat_str=r"[\s\S]", mergeable_ranks=ranks, special_tokens=specials)
+
+
+TOKENIZER = make_tokenizer()
+BOS_ID, EOS_ID, BACKTRACK_ID, ANSWER_ID, PAD_ID = (TOKENIZER.encode_single_token(s) for s in SPECIALS)
+NEWLINE_ID = TOKENIZER.encode_single_token("\n")
+VOCAB_SIZE = TOKENIZER.n_vocab
+
+
+def encode(text: str) -> list[int]:
+    """Text -> token ids; raises ValueError on a character outside the alphabet (tiktoken would panic)."""
+    bad = set(_SPECIAL_RE.sub("", text)) - set(ALPHABET)
+    if bad:
+        raise ValueError(f"cannot encode {sorted(bad)!r}: the alphabet is {ALPHABET!r} plus {SPECIALS}")
+    return TOKENIZER.encode(text, allowed_special="all")
+
+
+def decode(ids) -> str:
+    """Token ids -> text (special tokens written out by name)."""
+    return TOKENIZER.decode([int(i) for i in ids])
+
+
+# ----------------------------------------------------------------------------- the Countdown task
+STEP_RE = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)$")
+
+
+def parse_step(line: str):
+    """'9-7=2' -> (9, '-', 7, 2), or None if the line is not a well-formed step."""
+    m = STEP_RE.match(line)
+    if not m or any(len(g) > 1 and g[0] == "0" for g in m.group(1, 3, 4)):  # no leading zeros
+        return None
+    return int(m[1]), m[2], int(m[3]), int(m[4])
+
+
+def calculate(a: int, op: str, b: int):
+    """a op b if the result is a positive integer (no negatives, no zero, exact division only), else None."""
+    if op == "+":
+        return a + b
+    if op == "*":
+        return a * b
+    if op == "-":
+        return a - b if a > b else None
+    if op == "/":
+        return a // b if a % b == 0 else None
+    return None
+
+
+@dataclass(frozen=True)
+class Countdown:
+    """Combine two remaining numbers per step with + - * / until one number is left; it must equal the target.
+
+    A problem is (numbers, target); a state is the sorted tuple of the numbers still available.
+    """
+    n_numbers: int = 3
+    max_number: int = 10
+    max_target: int = 100
+    name = "countdown"
+
+    def prompt(self, problem) -> str:
+        numbers, target = problem
+        return f"{BOS}{' '.join(map(str, numbers))}:{target}\n"
+
+    def start(self, problem) -> tuple:
+        return tuple(sorted(problem[0]))
+
+    def apply(self, state: tuple, line: str):
+        """The state after the step written on `line`, or None if the step is malformed, wrong or uses a missing number."""
+        step = parse_step(line)
+        if step is None:
+            return None
+        a, op, b, c = step
+        rest = list(state)
+        for x in (a, b):
+            if x not in rest:
+                return None
+            rest.remove(x)
+        if calculate(a, op, b) != c:
+            return None
+        return tuple(sorted(rest + [c]))
+
+    def is_solved(self, state: tuple, problem) -> bool:
+        return state == (problem[1],)
+
+    def moves(self, state: tuple) -> list[str]:
+        """Every legal step from `state`, written larger number first (the canonical form the solver uses)."""
+        out = []
+        for i in range(len(state)):
+            for j in range(len(state)):
+                a, b = state[i], state[j]
+                if i == j or a < b or (a == b and i > j):
+                    continue
+                for op in "+-*/":
+                    c = calculate(a, op, b)
+                    if c is not None:
+                        out.append(f"{a}{op}{b}={c}")
+        return sorted(set(out))
+
+    def solutions(self, state: tuple, target: int) -> list[list[str]]:
+        """All step sequences from `state` that end with exactly `target` left (exact DFS)."""
+        if len(state) == 1:
+            return [[]] if state[0] == target else []
+        return [[m] + rest for m in self.moves(state) if self.can_reach(self.apply(state, m), target)
+                for rest in self.solutions(self.apply(state, m), target)]
+
+    @functools.lru_cache(maxsize=None)
+    def can_reach(self, state: tuple, target: int) -> bool:
+        """Whether some sequence of steps from `state` ends with exactly `target` (memoised DFS)."""
+        if len(state) == 1:
+            return state[0] == target
+        return any(self.can_reach(self.apply(state, m), target) for m in self.moves(state))
+
+    def key(self, problem) -> tuple:
+        """Identity of a problem up to the order of its numbers (used to dedupe and to split)."""
+        return tuple(sorted(problem[0])), problem[1]
+
+    def random_problem(self, rng: random.Random):
+        """A solvable problem: draw numbers, play random legal steps, and take the result as the target."""
+        while True:
+            numbers = tuple(sorted(rng.randint(1, self.max_number) for _ in range(self.n_numbers)))
+            state = numbers
+            while len(state) > 1:
+                state = self.apply(state, rng.choice(self.moves(state)))
+            if 1 <= state[0] <= self.max_target:
+                return numbers, state[0]
+
+
+TASKS = {"countdown": Countdown}
+
+
+def make_split(task, n_train: int, n_test: int, seed: int):
+    """Disjoint train/test problem lists (by `task.key`), fixed by `seed`."""
+    rng = random.Random(seed)
+    seen, problems, misses = set(), [], 0
+    # The problem space is finite (3 numbers up to 10 give ~2,900): stop once new problems stop turning up.
+    while len(problems) < n_train + n_test and misses < 5000:
+        p = task.random_problem(rng)
+        misses = misses + 1 if task.key(p) in seen else 0
+        if task.key(p) not in seen:
+            seen.add(task.key(p))
+            problems.append(p)
+    if len(problems) <= n_test:
+        raise ValueError(f"only {len(problems)} distinct problems exist for {task}; lower --n-test")
+    return problems[n_test:], problems[:n_test]
+
+
+# ----------------------------------------------------------------------------- parsing and verification
+@dataclass
+class Parsed:
+    """A model output taken apart. `attempts[i]` is the full step list of attempt i (kept prefix included)."""
+    attempts: list
+    backtracks: list  # the step count each <|backtrack|> keeps (None where malformed)
+    answer: list | None  # the answer's lines, or None if there is no complete answer
+    thinking: str
+
+
+def parse_output(text: str) -> Parsed:
+    """Take apart any completion (text after the prompt); never raises, however malformed or truncated."""
+    thinking, has_answer, answer = text.partition(ANSWER)
+    chunks = thinking.split(BACKTRACK)
+    attempts, backtracks = [_lines(chunks[0])], []
+    for chunk in chunks[1:]:
+        head, _, body = chunk.partition("\n")
+        keep = int(head) if head.isdigit() and len(head) < 4 else None
+        backtracks.append(keep)
+        kept = attempts[-1][:keep] if keep is not None else []
+        attempts.append(kept + _lines(body))
+    complete = has_answer and answer.endswith(EOS) and answer.count(EOS) == 1
+    return Parsed(attempts, backtracks, _lines(answer[: -len(EOS)]) if complete else None, thinking)
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.split("\n") if line]
+
+
+def run_steps(task, problem, lines):
+    """The state after playing `lines` from the start, or None at the first invalid step."""
+    state = task.start(problem)
+    for line in lines:
+        state = task.apply(state, line)
+        if state is None:
+            return None
+    return state
+
+
+def valid_prefix(task, problem, lines) -> int:
+    """How many leading steps of `lines` are legal moves."""
+    state = task.start(problem)
+    for i, line in enumerate(lines):
+        state = task.apply(state, line)
+        if state is None:
+            return i
+    return len(lines)
+
+
+def is_correct(task, problem, lines) -> bool:
+    """Every step legal and correct, each number used as available, and the last number equals the target."""
+    state = run_steps(task, problem, lines)
+    return state is not None and task.is_solved(state, problem)
+
+
+def verify(task, problem, completion: str) -> int:
+    """The 0/1 outcome reward r(x, z): 1 iff the completion has a complete answer that solves the problem."""
+    parsed = parse_output(completion)
+    return int(parsed.answer is not None and is_correct(task, problem, parsed.answer))
+
+
+def steps_text(steps) -> str:
+    """Steps written one per line: the text of an attempt or of an answer."""
+    return "".join(step + "\n" for step in steps)

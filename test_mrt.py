@@ -1,0 +1,258 @@
+"""Tests: each one a small specification with the numbers written out. Run: python -m pytest -q"""
+import json
+import random
+
+import pytest
+import torch
+
+import mrt
+import tasks
+import train
+from model import GPT, GPTConfig, generate, token_logprobs
+from tasks import ANSWER, BACKTRACK, EOS, Countdown, decode, encode, parse_output, verify
+
+TASK = Countdown(3, 10, 100)
+PROBLEM = ((3, 7, 9), 20)  # 9*3=27, 27-7=20
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def test_special_tokens_are_single_ids_and_text_round_trips():
+    for name in tasks.SPECIALS:
+        assert len(encode(name)) == 1
+    text = TASK.prompt(PROBLEM) + "9-7=2\n2*3=6\n" + BACKTRACK + "0\n9*3=27\n27-7=20\n" + ANSWER + "9*3=27\n27-7=20\n" + EOS
+    assert decode(encode(text)) == text
+    assert len(encode("12+3=15\n")) == 8  # character level
+
+
+def test_text_outside_the_alphabet_is_a_clear_error():
+    with pytest.raises(ValueError, match="cannot encode"):
+        encode("3 + x")
+
+
+# ----------------------------------------------------------------------------- task, solver, verifier
+def test_solver_lists_exactly_the_solutions():
+    sols = TASK.solutions(TASK.start(PROBLEM), 20)
+    assert ["9*3=27", "27-7=20"] in sols
+    assert all(tasks.is_correct(TASK, PROBLEM, s) for s in sols)
+    assert TASK.solutions((2, 3), 7) == []
+    assert TASK.solutions((2, 3), 6) == [["3*2=6"]]
+    assert TASK.solutions((4, 8), 2) == [["8/4=2"]]
+
+
+def test_can_reach_tells_whether_a_partial_state_is_still_solvable():
+    assert TASK.can_reach((7, 27), 20) is True  # after 9*3=27: 27-7=20
+    assert TASK.can_reach((3, 27), 20) is False  # 27+3, 27-3, 27*3, 27/3 all miss 20
+    assert TASK.can_reach((2, 3), 6) and not TASK.can_reach((2, 3), 7)
+
+
+def test_steps_follow_the_rules():
+    assert TASK.apply((3, 7, 9), "9-7=2") == (2, 3)
+    assert TASK.apply((3, 7, 9), "7-9=0") is None  # no negatives or zero
+    assert TASK.apply((3, 7, 9), "9/2=4") is None  # 2 is not available (and not exact)
+    assert TASK.apply((3, 7, 9), "9+9=18") is None  # one 9 only
+    assert TASK.apply((3, 7, 9), "9*3=28") is None  # wrong arithmetic
+    assert TASK.apply((3, 7, 9), "09+3=12") is None  # leading zero
+
+
+def test_verifier_scores_answers():
+    assert verify(TASK, PROBLEM, ANSWER + "9*3=27\n27-7=20\n" + EOS) == 1
+    assert verify(TASK, PROBLEM, ANSWER + "3*9=27\n27-7=20\n" + EOS) == 1  # either order for * and +
+    assert verify(TASK, PROBLEM, ANSWER + "9*3=27\n27-7=20\n") == 0  # no <|eos|>: truncated
+    assert verify(TASK, PROBLEM, ANSWER + "9*3=27\n" + EOS) == 0  # numbers left over
+    assert verify(TASK, PROBLEM, ANSWER + "9*3=27\n27-3=24\n" + EOS) == 0  # 3 used twice
+    assert verify(TASK, PROBLEM, "9*3=27\n27-7=20\n") == 0  # thinking only, no answer
+    assert verify(TASK, PROBLEM, ANSWER + "9*3=27\n27-7=20\n" + EOS + EOS) == 0
+
+
+def test_parser_rebuilds_attempts_after_backtracking():
+    text = "9-7=2\n2*3=6\n" + BACKTRACK + "1\n6*3=18\n" + BACKTRACK + "0\n9*3=27\n27-7=20\n" + ANSWER + "9*3=27\n27-7=20\n" + EOS
+    parsed = parse_output(text)
+    assert parsed.attempts == [["9-7=2", "2*3=6"], ["9-7=2", "6*3=18"], ["9*3=27", "27-7=20"]]
+    assert parsed.backtracks == [1, 0]
+    assert parsed.answer == ["9*3=27", "27-7=20"]
+    assert parse_output(BACKTRACK + "x\n1+1=2").backtracks == [None]
+
+
+def test_parser_and_verifier_never_raise_on_random_token_streams():
+    rng = random.Random(0)
+    for _ in range(2000):
+        ids = [rng.randrange(tasks.VOCAB_SIZE) for _ in range(rng.randrange(40))]
+        text = decode(ids)
+        parse_output(text)
+        assert verify(TASK, PROBLEM, text) in (0, 1)
+
+
+def test_split_is_disjoint_up_to_the_order_of_numbers_and_fixed_by_seed():
+    train_a, test_a = tasks.make_split(TASK, 500, 100, seed=3)
+    train_b, test_b = tasks.make_split(TASK, 500, 100, seed=3)
+    assert (train_a, test_a) == (train_b, test_b)
+    assert not {TASK.key(p) for p in train_a} & {TASK.key(p) for p in test_a}
+    assert len({TASK.key(p) for p in train_a}) == len(train_a) == 500
+    for p in train_a + test_a:
+        assert TASK.solutions(TASK.start(p), p[1])  # generated solvable
+
+
+# ----------------------------------------------------------------------------- model and KV cache
+def tiny_model(seed=0, block_size=64):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=block_size, vocab_size=tasks.VOCAB_SIZE, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def test_kv_cache_gives_the_same_tokens_and_logprobs_as_recomputation():
+    model = tiny_model()
+    prompts = [encode(TASK.prompt(PROBLEM)), encode(TASK.prompt(((1, 2, 10), 30))), [tasks.BOS_ID]]
+    kw = dict(max_new_tokens=30, stop_id=tasks.EOS_ID, pad_id=tasks.PAD_ID, temperature=0)
+    cached, recomputed = generate(model, prompts, **kw), generate(model, prompts, use_cache=False, **kw)
+    assert torch.equal(cached.tokens, recomputed.tokens)
+    assert torch.allclose(cached.logprobs, recomputed.logprobs, atol=1e-5)
+
+
+def test_padding_does_not_change_a_row_and_logprobs_match_a_plain_forward():
+    model = tiny_model()
+    prompts = [encode(TASK.prompt(PROBLEM)), [tasks.BOS_ID], encode(TASK.prompt(((10, 10, 10), 100)) + "10*10=100\n")]
+    kw = dict(max_new_tokens=20, stop_id=tasks.EOS_ID, pad_id=tasks.PAD_ID)
+    together = generate(model, prompts, temperature=0, **kw)
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], temperature=0, **kw)
+        n = alone.tokens.size(1)
+        assert torch.equal(alone.tokens[0], together.tokens[i, :n])
+        m = together.lengths[i]
+        seq = torch.tensor(p + together.tokens[i, :m].tolist())[None]
+        assert torch.allclose(token_logprobs(model, seq, exclude=(tasks.PAD_ID,))[0, len(p) - 1:], together.logprobs[i, :m], atol=1e-5)
+
+
+def test_finished_rows_stop_growing_and_forbidden_tokens_never_appear():
+    model = tiny_model()
+    with torch.no_grad():  # make <|eos|> likely so that some rows finish early
+        model.lm_head.weight[tasks.EOS_ID] += 0.3 * model.wte.weight.mean(0) / model.wte.weight.mean(0).norm() ** 2
+    g = generate(model, [[tasks.BOS_ID]] * 64, 30, tasks.EOS_ID, tasks.PAD_ID, forbid=(tasks.BACKTRACK_ID,),
+                 generator=torch.Generator().manual_seed(0))
+    assert not (g.tokens == tasks.BACKTRACK_ID).any()
+    for row, n in zip(g.tokens.tolist(), g.lengths.tolist()):
+        if tasks.EOS_ID in row:
+            stop = row.index(tasks.EOS_ID)
+            assert stop + 1 == n and all(t == tasks.PAD_ID for t in row[stop + 1:])
+
+
+# ----------------------------------------------------------------------------- MRT definitions, by hand
+BT, NL = tasks.BACKTRACK_ID, tasks.NEWLINE_ID
+
+
+def test_split_episodes_on_hand_written_streams():
+    attempt, other = encode("9-7=2\n2*3=6\n"), encode("9*3=27\n27-7=20\n")
+    assert mrt.split_episodes(attempt) == [attempt]
+    assert mrt.split_episodes(attempt + [BT] + encode("0\n") + other) == [attempt, [BT] + encode("0\n"), other]
+    two = attempt + [BT] + encode("1\n") + encode("6*3=18\n") + [BT] + encode("0\n") + other
+    assert len(mrt.split_episodes(two)) == 5
+    assert mrt.split_episodes([BT, BT] + encode("1\n")) == [[BT], [BT] + encode("1\n")]  # malformed: empty attempt dropped
+    assert mrt.split_episodes(attempt + [BT] + encode("1")) == [attempt, [BT] + encode("1")]  # truncated
+    assert mrt.split_episodes([]) == []
+    for stream in (two, attempt + [BT]):
+        assert [t for e in mrt.split_episodes(stream) for t in e] == stream
+
+
+def test_progress_bonus_is_difference_of_successive_J():
+    # J(μ|x)=0.25, J(μ|x,z_0)=0.0, J(μ|x,z_{0:1})=0.5, J(μ|x,z_{0:2})=1.0
+    assert mrt.progress_bonus([0.25, 0.0, 0.5, 1.0]) == [-0.25, 0.5, 0.5]
+
+
+def test_cumulative_regret_sums_the_gap_to_the_comparator():
+    # Δ_1 = 1-0 = 1, Δ_2 = 1 + (1-0.5) = 1.5, Δ_3 = 1.5 + 0 = 1.5; with J(π*) = 0.8: 0.8, 1.1, 0.9
+    assert mrt.cumulative_regret([0.25, 0.0, 0.5, 1.0]) == [1.0, 1.5, 1.5]
+    assert mrt.cumulative_regret([0.25, 0.0, 0.5, 1.0], j_star=0.8) == pytest.approx([0.8, 1.1, 0.9])
+
+
+def test_each_episode_gets_exactly_its_own_bonus():
+    # episodes of 3, 2 and 4 tokens, then 2 answer tokens; outcome advantage 0.5, α = 2
+    adv = mrt.token_advantages(0.5, [3, 2, 4], [0.1, -0.25, 0.5], alpha=2.0, length=11)
+    expected = [0.7] * 3 + [0.0] * 2 + [1.5] * 4 + [0.5] * 2
+    assert adv.tolist() == pytest.approx(expected)
+
+
+def test_mrt_reduces_to_the_backtracking_recipe():
+    """Context z_0 from the old policy (no credit), the policy writes one episode after it: every generated token
+    gets r + α (J(μ|x,z_{0:1}) − J(μ|x,z_0)), the outcome adjusted by the information gain of the backtrack."""
+    values = [0.3, 0.1, 0.6]  # J(μ|x), J(μ|x,z_0), J(μ|x,z_{0:1})
+    bonus = mrt.progress_bonus(values)
+    r, alpha = 1.0, 0.5
+    adv = mrt.token_advantages(r, [0, 6], bonus, alpha, length=6)  # z_0 is context: zero tokens to credit
+    assert adv.tolist() == pytest.approx([r + alpha * (0.6 - 0.1)] * 6)
+
+
+def test_group_advantage_subtracts_the_group_mean():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
+    assert mrt.group_advantages(rewards).tolist() == [[0.5, -0.5, -0.5, 0.5], [0.25, 0.25, 0.25, -0.75]]
+
+
+def test_monte_carlo_estimate_of_J_matches_a_known_success_rate():
+    rng = random.Random(0)
+    calls = []
+
+    def fake_meta_prover(problems, contexts):  # succeeds with probability 0.3 after context A, 0.8 after B
+        calls.append(len(contexts))
+        return [int(rng.random() < (0.3 if c[0] == 1 else 0.8)) for c in contexts]
+
+    est = mrt.estimate_success(fake_meta_prover, ["p", "p", "q"], [[1], [1], [2]], n_rollouts=4000)
+    assert est[0] == est[1] and est[0] == pytest.approx(0.3, abs=0.03) and est[2] == pytest.approx(0.8, abs=0.03)
+    assert calls == [8000]  # one batch; the repeated (problem, context) pair was estimated once
+
+
+def test_reinforce_gradient_raises_the_logprob_of_advantaged_tokens():
+    logits = torch.zeros(1, 2, 3, requires_grad=True)
+    logp = torch.log_softmax(logits, -1)[:, :, 0]  # log-prob of token 0 at two positions
+    loss = mrt.reinforce_loss(logp, torch.tensor([[1.0, -1.0]]), torch.ones(1, 2))
+    loss.backward()
+    assert logits.grad[0, 0, 0] < 0 < logits.grad[0, 1, 0]  # gradient descent: up where A > 0, down where A < 0
+
+
+def test_budget_cut_keeps_complete_lines_only():
+    thinking = encode("9-7=2\n2*3=6\n")
+    assert mrt.budget_cut(thinking, 8) == encode("9-7=2\n")
+    assert mrt.budget_cut(thinking, 5) == []
+    assert mrt.budget_cut(thinking, 100) == thinking
+
+
+def test_warmstart_trace_backtracks_to_the_best_step_and_verifies():
+    attempt = ["9-7=2", "3*2=6"]
+    trace = mrt.make_trace(TASK, PROBLEM, attempt, {0: 0.5, 1: 0.0}, {}, random.Random(0))
+    assert trace.keep == 0
+    for context, target in trace.texts():
+        assert verify(TASK, PROBLEM, context + target) == 1
+    parsed = parse_output("".join(trace.texts()[0]))
+    z0, z2 = parsed.attempts
+    assert z0 == attempt and z0[:trace.keep] == z2[:trace.keep] and z0[trace.keep] != z2[trace.keep]
+
+
+def test_warmstart_builder_with_a_model_makes_valid_traces():
+    problems = tasks.make_split(TASK, 20, 1, seed=0)[0]
+    traces = mrt.build_traces(tiny_model(block_size=128), TASK, problems, 2, 40, torch.Generator().manual_seed(0),
+                              random.Random(0))
+    assert traces
+    for t in traces:
+        text = "".join(t.texts()[0])
+        assert verify(TASK, t.problem, text) == 1
+        if t.keep is not None:
+            z0, z2 = parse_output(text).attempts
+            assert z0[:t.keep] == z2[:t.keep] and (t.keep >= len(z0) or z0[t.keep] != z2[t.keep])
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def test_smoke_run_writes_results(tmp_path):
+    train.main(["--smoke", "--out-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["models"]) == {"base", "warm", "outcome", "mrt"}
+    for m in results["models"].values():
+        assert 0 <= m["accuracy"] <= 1 and len(m["regret"]) == results["config"]["max_episodes"]
+    assert (tmp_path / "log.jsonl").exists() and (tmp_path / "base.pt").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rl-steps", "-1"], "--rl-steps"), (["--alpha", "-0.5"], "--alpha"), (["--device", "tpu"], "--device"),
+    (["--max-think", "500"], "--max-think"), (["--preset", "huge"], "--preset"),
+])
+def test_bad_options_exit_with_one_clear_line(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--smoke", "--out-dir", str(tmp_path)] + flags)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -1,0 +1,514 @@
+"""The whole MRT pipeline in one script: base model -> backtracking warm-start -> RL (outcome vs MRT) -> evaluation.
+
+    python train.py            # the CPU default (3-number Countdown); see --help
+    python train.py --smoke    # tiny sizes, the whole pipeline in seconds
+    python train.py --preset gpu
+
+Every stage saves a checkpoint in --out-dir; re-running the same command skips finished stages.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from tqdm import tqdm
+
+import mrt
+import tasks
+from model import GPT, GPTConfig, token_logprobs
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # task
+    task: str = opt("countdown", "which task (see tasks.TASKS)")
+    n_numbers: int = opt(3, "numbers per Countdown problem")
+    max_number: int = opt(10, "numbers are drawn from 1..max_number")
+    max_target: int = opt(100, "largest target")
+    n_train: int = opt(100_000, "training problems (capped by how many distinct problems exist)")
+    n_test: int = opt(300, "held-out test problems")
+    # model
+    n_layer: int = opt(4, "transformer blocks")
+    n_head: int = opt(4, "attention heads")
+    n_embd: int = opt(128, "embedding width")
+    block_size: int = opt(128, "longest sequence (prompt + completion) in tokens")
+    # stage 1: base model
+    base_steps: int = opt(1500, "pretraining steps on solver solutions")
+    batch_size: int = opt(128, "sequences per SFT step")
+    lr: float = opt(3e-3, "peak learning rate of the SFT stages (warmup + cosine)")
+    solutions_per_problem: int = opt(4, "solver solutions written out per training problem")
+    cut_prob: float = opt(0.25, "share of base examples whose thinking is cut short before <|answer|> (teaches μ)")
+    eval_every: int = opt(500, "steps between held-out evaluations while pretraining")
+    # stage 2: backtracking warm-start
+    warm_problems: int = opt(1024, "training problems whose first attempts become warm-start traces")
+    warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step")
+    warm_steps: int = opt(300, "warm-start SFT steps")
+    # stage 3: RL
+    rl_steps: int = opt(60, "REINFORCE steps per arm")
+    rl_prompts: int = opt(16, "problems per RL step")
+    rl_group: int = opt(8, "samples per problem (the group of the baseline)")
+    rl_lr: float = opt(1e-4, "RL learning rate (constant)")
+    alpha: float = opt(1.0, "weight α of the progress bonus in the MRT reward")
+    mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})")
+    max_think: int = opt(64, "completion tokens the policy may write during RL")
+    rl_seeds: int = opt(3, "RL seeds (each runs both arms from the same warm start)")
+    # evaluation
+    eval_rollouts: int = opt(4, "meta-prover rollouts per prefix at evaluation")
+    max_episodes: int = opt(5, "episodes K of the J and regret curves")
+    budget_step: int = opt(8, "spacing of the token-budget grid of budget-forced accuracy")
+    # run
+    seed: int = opt(0, "seed of data, initialisation and sampling")
+    device: str = opt("auto", "auto, cpu, cuda or mps")
+    out_dir: str = opt("out", "where checkpoints, logs and results go")
+    preset: str = opt("cpu", "cpu (default sizes), gpu (4 numbers, larger model) or smoke (tiny, seconds)")
+    smoke: bool = opt(False, "same as --preset smoke")
+    fresh: bool = opt(False, "ignore existing checkpoints in --out-dir and run every stage again")
+
+
+PRESETS = {
+    "cpu": {},
+    "gpu": dict(n_numbers=4, n_layer=6, n_head=6, n_embd=384, block_size=192, base_steps=4000, batch_size=256,
+                warm_problems=4096, rl_steps=200, rl_prompts=32, max_think=128, n_test=1000, lr=1e-3),
+    "smoke": dict(n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
+                  warm_problems=32, warm_rollouts=2, warm_steps=10, rl_steps=2, rl_prompts=4, rl_group=4,
+                  mc_rollouts=2, rl_seeds=1, eval_rollouts=1, max_episodes=3, budget_step=16),
+}
+
+
+def parse_args(argv=None) -> Config:
+    """Config from the command line: defaults, then the preset, then the flags given explicitly."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=f.type, default=None, help=f"{f.metadata['help']} (default: {f.default})")
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
+    preset = "smoke" if args.get("smoke") else args.get("preset", "cpu")
+    if preset not in PRESETS:
+        parser.error(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    if preset == "smoke":
+        args.setdefault("out_dir", "out/smoke")
+    return Config(**{**PRESETS[preset], **args, "preset": preset})
+
+
+# ----------------------------------------------------------------------------- checks and set-up
+class UserError(Exception):
+    """Bad input from the user: reported as one line naming the option or file, without a traceback."""
+
+
+def check_config(cfg: Config):
+    def need(ok, message):
+        if not ok:
+            raise UserError(message)
+    for name in ("base_steps", "warm_steps", "rl_steps", "eval_every", "warm_problems"):
+        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "rl_prompts", "rl_group", "mc_rollouts",
+                 "eval_rollouts", "n_test", "n_train", "rl_seeds", "budget_step", "warm_rollouts", "max_think",
+                 "solutions_per_problem", "max_episodes"):
+        need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    need(cfg.alpha >= 0, f"--alpha must be >= 0 (it weighs a bonus), got {cfg.alpha}")
+    need(cfg.lr > 0 and cfg.rl_lr > 0, "--lr and --rl-lr must be > 0")
+    need(0 <= cfg.cut_prob <= 1, f"--cut-prob must be in [0, 1], got {cfg.cut_prob}")
+    need(cfg.n_embd % cfg.n_head == 0, f"--n-embd ({cfg.n_embd}) must be a multiple of --n-head ({cfg.n_head})")
+    need(cfg.task in tasks.TASKS, f"--task must be one of {', '.join(tasks.TASKS)}, got {cfg.task!r}")
+    need(cfg.n_numbers >= 2 and cfg.max_number >= 1 and cfg.max_target >= 1,
+         "--n-numbers must be >= 2, --max-number and --max-target >= 1")
+    need(cfg.max_think < cfg.block_size, f"--max-think ({cfg.max_think}) must be below --block-size ({cfg.block_size})")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name not in available:
+        raise UserError(f"--device must be auto, cpu, cuda or mps, got {name!r}")
+    if not available[name]:
+        raise UserError(f"--device {name}: no {name} device is available on this machine (try --device cpu)")
+    return torch.device(name)
+
+
+def prepare_out_dir(path: str):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out-dir {path}: cannot write there ({e.strerror})") from None
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (tensor cores); full precision elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def make_task(cfg: Config):
+    return tasks.TASKS[cfg.task](cfg.n_numbers, cfg.max_number, cfg.max_target)
+
+
+def new_model(cfg: Config, device) -> GPT:
+    config = GPTConfig(cfg.block_size, tasks.VOCAB_SIZE, cfg.n_layer, cfg.n_head, cfg.n_embd)
+    return GPT(config).to(device)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+TASK_MODEL = ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
+              "block_size", "seed"]
+STAGE_FIELDS = {
+    "base": TASK_MODEL + ["base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob"],
+    "warm": ["warm_problems", "warm_rollouts", "warm_steps"],
+    "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr", "max_think"],
+    "mrt": ["alpha", "mc_rollouts"],
+}
+
+
+def stage_config(cfg: Config, stage: str) -> dict:
+    """The options a stage's result depends on (each stage builds on the ones before it)."""
+    order = ["base", "warm", "outcome", "mrt"]
+    names = [n for s in order[:order.index(stage) + 1] for n in STAGE_FIELDS[s]]
+    return {n: getattr(cfg, n) for n in names}
+
+
+def save_checkpoint(path: str, model: GPT, stage_cfg: dict, **extra):
+    """Write atomically: a crash mid-write leaves the previous file intact, never a truncated one."""
+    blob = {"model": model.state_dict(), "model_args": asdict(model.config), "stage_config": stage_cfg,
+            "tokenizer": {"alphabet": tasks.ALPHABET, "specials": tasks.SPECIALS}, **extra}
+    torch.save(blob, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str, device) -> dict:
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+        assert isinstance(blob, dict) and {"model", "model_args", "stage_config"} <= blob.keys()
+    except Exception as e:
+        raise UserError(f"{path}: not a readable mrt checkpoint ({type(e).__name__}); delete it or pass --fresh") from None
+    return blob
+
+
+def load_model(path: str, device) -> GPT:
+    blob = load_checkpoint(path, device)
+    model = GPT(GPTConfig(**blob["model_args"])).to(device)
+    model.load_state_dict(blob["model"])
+    return model
+
+
+def finished_stage(cfg: Config, path: str, stage_cfg: dict, device):
+    """The model of a finished stage whose options match; None if it must (re)run."""
+    if cfg.fresh or not os.path.exists(path):
+        return None
+    blob = load_checkpoint(path, device)
+    if blob["stage_config"] != stage_cfg:
+        diff = sorted(k for k in stage_cfg if blob["stage_config"].get(k) != stage_cfg[k])
+        raise UserError(f"{path} was made with different options ({', '.join(diff)}); "
+                        f"pass --fresh to overwrite it or choose another --out-dir")
+    model = GPT(GPTConfig(**blob["model_args"])).to(device)
+    model.load_state_dict(blob["model"])
+    return model
+
+
+class Log:
+    """Training curves and stage timings, one JSON object per line in <out-dir>/log.jsonl."""
+
+    def __init__(self, path):
+        self.file = open(path, "a")
+
+    def __call__(self, **row):
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+
+# ----------------------------------------------------------------------------- supervised stages
+def base_examples(task, problems, cfg: Config, rng: random.Random) -> list:
+    """(problem, context, target) triples: one correct attempt then the answer, or (cut_prob) a thinking stream cut
+    after a random number of steps, then <|answer|> in the context and the full answer as the target (teaches μ)."""
+    out = []
+    for p in problems:
+        solutions = task.solutions(task.start(p), p[1])
+        for steps in rng.sample(solutions, min(cfg.solutions_per_problem, len(solutions))):
+            if rng.random() < cfg.cut_prob:
+                cut = rng.randrange(len(steps))
+                out.append((p, tasks.steps_text(steps[:cut]) + tasks.ANSWER, tasks.steps_text(steps) + tasks.EOS))
+            else:
+                out.append((p, "", tasks.steps_text(steps) + tasks.ANSWER + tasks.steps_text(steps) + tasks.EOS))
+    return out
+
+
+def sft_tensors(task, examples, block_size: int):
+    """Inputs X and targets Y (N, T); Y is -1 (no loss) on the prompt, the context and the padding."""
+    rows = [(tasks.encode(task.prompt(p) + ctx), tasks.encode(target)) for p, ctx, target in examples]
+    T = max(len(h) + len(t) for h, t in rows) - 1
+    if T > block_size:
+        raise UserError(f"training sequences reach {T} tokens: raise --block-size above it")
+    X = torch.full((len(rows), T), tasks.PAD_ID, dtype=torch.long)
+    Y = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (head, tail) in enumerate(rows):
+        ids = torch.tensor(head + tail)
+        X[i, :len(ids) - 1] = ids[:-1]
+        Y[i, len(head) - 1:len(ids) - 1] = ids[len(head):]
+    return X, Y
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Linear warmup over the first 5% of steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+def make_optimizer(model: GPT, lr: float, weight_decay: float):
+    """AdamW that decays matrices only (not biases, LayerNorms), as in nanoGPT."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def check_finite(loss, model, stage):
+    """Stop before a NaN/inf loss or gradient reaches the weights (the last checkpoint stays the good one)."""
+    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    if not torch.isfinite(loss) or (grads and not torch.isfinite(torch.stack(grads).sum())):
+        raise FloatingPointError(f"{stage}: non-finite loss or gradient (loss={loss.item()}); "
+                                 f"lower the learning rate. Finished stages' checkpoints are intact.")
+
+
+def train_sft(model, X, Y, steps, cfg, device, gen, stage, log, evaluate=None):
+    """Next-token cross-entropy on the targets, AdamW with warmup + cosine; a tqdm bar; optional periodic eval."""
+    optimizer = make_optimizer(model, cfg.lr, weight_decay=0.1)
+    bar = tqdm(range(steps), desc=stage, dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, cfg.lr)
+        idx = torch.randint(len(X), (cfg.batch_size,), generator=gen)
+        x, y = X[idx].to(device), Y[idx].to(device)
+        model.train()
+        with autocast(device):
+            _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        check_finite(loss, model, stage)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 25 == 0 or step == steps - 1:  # .item() syncs: log every few steps only
+            log(stage=stage, step=step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            acc = evaluate(model)
+            log(stage=stage, step=step, test_accuracy=acc)
+            bar.write(f"{stage} step {step + 1}: greedy test accuracy {acc:.3f}")
+    return model
+
+
+def greedy_accuracy(model, task, problems, cfg) -> float:
+    """Share of problems whose greedy completion the verifier accepts."""
+    model.eval()
+    _, completions, _ = mrt.sample_completions(model, task, problems, cfg.block_size, temperature=0)
+    return sum(tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)) / len(problems)
+
+
+# ----------------------------------------------------------------------------- RL: outcome vs MRT
+def rl_step(model, optimizer, task, problems, cfg, arm, gen, device) -> dict:
+    """One on-policy REINFORCE step on a group of samples per problem; returns the numbers to log."""
+    model.eval()
+    with autocast(device):
+        prompts, completions, _ = mrt.sample_completions(model, task, problems, cfg.max_think, gen)
+    rewards = torch.tensor([tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)], dtype=torch.float)
+    advantages = mrt.group_advantages(rewards.view(cfg.rl_prompts, cfg.rl_group)).flatten()
+    episodes = [mrt.split_episodes(mrt.split_completion(c)[0]) for c in completions]
+    bonuses = [[0.0] * len(e) for e in episodes]
+    if arm == "mrt":  # the progress bonus of every episode, from μ = the current policy forced to answer
+        meta = mrt.MetaProver(model, task, generator=gen)
+        with autocast(device):
+            values = mrt.episode_values(meta, problems, prompts, episodes, cfg.mc_rollouts)
+        bonuses = [mrt.progress_bonus(v) for v in values]
+    # Recompute log π(y_t) under grad: prompt + completion per row, padded on the right (plain causal attention).
+    rows = [torch.tensor(p + c) for p, c in zip(prompts, completions)]
+    idx = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tasks.PAD_ID).to(device)
+    credit = torch.zeros(idx.shape[0], idx.shape[1] - 1)
+    mask = torch.zeros_like(credit)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        lengths = [len(e) for e in episodes[i]]
+        credit[i, len(p) - 1:len(p) - 1 + len(c)] = mrt.token_advantages(advantages[i], lengths, bonuses[i], cfg.alpha, len(c))
+        mask[i, len(p) - 1:len(p) - 1 + len(c)] = 1
+    model.train()
+    with autocast(device):
+        loss = mrt.reinforce_loss(token_logprobs(model, idx, exclude=(tasks.PAD_ID,)), credit.to(device), mask.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    check_finite(loss, model, arm)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    flat = [b for bs in bonuses for b in bs]
+    return {"reward": rewards.mean().item(), "loss": loss.item(),
+            "tokens": sum(len(mrt.split_completion(c)[0]) for c in completions) / len(completions),
+            "episodes": sum(map(len, episodes)) / len(episodes),
+            "progress": sum(flat) / len(flat) if arm == "mrt" and flat else None}
+
+
+def train_rl(model, task, train, cfg, arm, seed, device, log):
+    """REINFORCE from the warm start. Both arms see the same problems in the same order (the data seed is shared)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    data = random.Random(seed)
+    gen = torch.Generator(device).manual_seed(seed)
+    bar = tqdm(range(cfg.rl_steps), desc=f"rl {arm} seed {seed}", dynamic_ncols=True)
+    for step in bar:
+        problems = [p for p in data.sample(train, cfg.rl_prompts) for _ in range(cfg.rl_group)]
+        row = rl_step(model, optimizer, task, problems, cfg, arm, gen, device)
+        log(stage=f"rl_{arm}", seed=seed, step=step, **row)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", episodes=f"{row['episodes']:.2f}")
+    return model
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(model, task, problems, cfg, device) -> dict:
+    """One sampled stream per test problem: accuracy, length, episodes, J(μ | x, z_{0:j}), regret, budget accuracy."""
+    model.eval()
+    gen = torch.Generator(device).manual_seed(cfg.seed + 12345)  # the same draws for every model
+    meta = mrt.MetaProver(model, task, generator=gen)
+    with autocast(device):
+        prompts, completions, _ = mrt.sample_completions(model, task, problems, cfg.block_size, gen)
+        thinking = [mrt.split_completion(c)[0] for c in completions]
+        episodes = [mrt.split_episodes(t) for t in thinking]
+        values = mrt.episode_values(meta, problems, prompts, episodes, cfg.eval_rollouts, cfg.max_episodes)
+        longest = cfg.block_size - max(map(len, prompts))
+        budgets = list(range(0, longest + 1, cfg.budget_step))
+        by_budget = mrt.budget_accuracy(meta, task, problems, prompts, completions, budgets)
+    n = len(problems)
+    mean = lambda rows: [sum(col) / n for col in zip(*rows)]
+    return {
+        "accuracy": sum(tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)) / n,
+        "thinking_tokens": sum(map(len, thinking)) / n,
+        "episodes": sum(map(len, episodes)) / n,
+        "backtrack_rate": sum(tasks.BACKTRACK_ID in t for t in thinking) / n,
+        "J": mean(values),  # J[j] = J(μ | x, z_{0:j-1}); J[0] = J(μ | x)
+        "regret": mean([mrt.cumulative_regret(v) for v in values]),  # regret[k-1] = Δ_k, comparator J(π*) = 1
+        "budgets": budgets,
+        "budget_accuracy": [by_budget[b] for b in budgets],
+    }
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def summarize(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of every number (and list of numbers) in the evaluations."""
+    def agg(values):
+        if isinstance(values[0], dict):
+            return {k: agg([v[k] for v in values]) for k in values[0]}
+        if isinstance(values[0], list):
+            return [agg(list(col)) for col in zip(*values)]
+        t = torch.tensor(values, dtype=torch.float64)
+        return {"mean": t.mean().item(), "std": t.std().item() if len(values) > 1 else 0.0}
+    return agg(runs)
+
+
+def print_table(results: dict, cfg: Config):
+    """The headline numbers, one row per model (mean ± std over RL seeds)."""
+    K = cfg.max_episodes
+    budgets = results["models"]["base"]["budgets"]
+    shown = [i for i, b in enumerate(budgets) if b in (0, 16, 32, cfg.max_think) or i == len(budgets) - 1]
+    head = f"{'model':<10}{'accuracy':>14}{'tokens':>9}{'episodes':>9}{'Δ_' + str(K) + ' regret':>16}"
+    print("\n" + head + "".join(f"{'acc@' + str(budgets[i]):>14}" for i in shown))
+    for name in ("base", "warm", "outcome", "mrt"):
+        m = results["summary"][name]
+        cell = lambda s: f"{s['mean']:.3f}±{s['std']:.3f}"
+        print(f"{name:<10}{cell(m['accuracy']):>14}{m['thinking_tokens']['mean']:>9.1f}{m['episodes']['mean']:>9.2f}"
+              f"{cell(m['regret'][K - 1]):>16}" + "".join(f"{cell(m['budget_accuracy'][i]):>14}" for i in shown))
+    print(f"(test problems: {cfg.n_test}; RL seeds: {cfg.rl_seeds}; comparator J(π*) = 1; "
+          f"budgets above {cfg.max_think} tokens exceed what RL ever saw)")
+
+
+def run(cfg: Config) -> dict:
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    prepare_out_dir(cfg.out_dir)
+    log = Log(os.path.join(cfg.out_dir, "log.jsonl"))
+    task = make_task(cfg)
+    train, test = tasks.make_split(task, cfg.n_train, cfg.n_test, cfg.seed)
+    print(f"{task}: {len(train)} train / {len(test)} test problems, device {device}, out-dir {cfg.out_dir}")
+    # Each stage has its own random streams, so a resumed run draws exactly what a fresh run would.
+    rng = lambda stage: random.Random(f"{cfg.seed}-{stage}")
+    torch_gen = lambda stage: torch.Generator().manual_seed(rng(stage).getrandbits(63))
+    path = lambda name: os.path.join(cfg.out_dir, f"{name}.pt")
+    timings = {}
+
+    def stage(name, key, build):
+        model = finished_stage(cfg, path(name), key, device)
+        if model is not None:
+            print(f"{name}: finished earlier, loaded {path(name)}")
+            return model
+        start = time.time()
+        model = build()
+        save_checkpoint(path(name), model, key)
+        timings[name] = time.time() - start
+        log(stage=name, seconds=timings[name])
+        return model
+
+    def build_base():
+        torch.manual_seed(cfg.seed)
+        model = new_model(cfg, device)
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters")
+        X, Y = sft_tensors(task, base_examples(task, train, cfg, rng("base")), cfg.block_size)
+        evaluate_now = lambda m: greedy_accuracy(m, task, test, cfg)
+        return train_sft(model, X, Y, cfg.base_steps, cfg, device, torch_gen("base"), "base", log, evaluate_now)
+
+    def build_warm():
+        r = rng("warm")
+        base.eval()
+        with autocast(device):
+            traces = mrt.build_traces(base, task, r.sample(train, min(cfg.warm_problems, len(train))),
+                                      cfg.warm_rollouts, cfg.max_think, torch.Generator(device).manual_seed(cfg.seed), r)
+        backtracks = sum(t.keep is not None for t in traces)
+        print(f"warm-start: {len(traces)} traces, {backtracks} backtrack after a failed first attempt")
+        log(stage="warm", traces=len(traces), backtrack_traces=backtracks)
+        examples = [(t.problem, ctx, target) for t in traces for ctx, target in t.texts()]
+        replay = base_examples(task, r.sample(train, min(len(train), max(1, len(examples) // cfg.solutions_per_problem))), cfg, r)
+        X, Y = sft_tensors(task, examples + replay, cfg.block_size)  # replay keeps the base skills (and μ) sharp
+        return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg, device, torch_gen("warm"), "warm-start", log)
+
+    base = stage("base", stage_config(cfg, "base"), build_base)
+    warm = stage("warm", stage_config(cfg, "warm"), build_warm)
+    models = {"base": [base], "warm": [warm], "outcome": [], "mrt": []}
+    for seed in range(cfg.seed, cfg.seed + cfg.rl_seeds):
+        for arm in ("outcome", "mrt"):
+            key = {**stage_config(cfg, arm), "rl_seed": seed}
+            build = lambda: train_rl(copy.deepcopy(warm), task, train, cfg, arm, seed, device, log)
+            models[arm].append(stage(f"rl_{arm}_seed{seed}", key, build))
+
+    evals = {}
+    for name, group in models.items():
+        evals[name] = [evaluate(m, task, test, cfg, device) for m in tqdm(group, desc=f"evaluate {name}", leave=False)]
+    results = {"config": asdict(cfg), "train_problems": len(train), "test_problems": len(test), "device": str(device),
+               "stage_seconds": timings, "models": {k: v[0] for k, v in evals.items()},
+               "per_seed": {k: v for k, v in evals.items() if k in ("outcome", "mrt")},
+               "summary": {k: summarize(v) for k, v in evals.items()}}
+    with open(os.path.join(cfg.out_dir, "results.json.tmp"), "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(os.path.join(cfg.out_dir, "results.json.tmp"), os.path.join(cfg.out_dir, "results.json"))
+    print_table(results, cfg)
+    return results
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        run(cfg)
+    except (UserError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
