@@ -61,12 +61,18 @@ class MetaProver:
         for i in range(0, len(contexts), self.chunk):
             ctx = contexts[i:i + self.chunk]
             room = self.model.config.block_size - max(map(len, ctx))
+            if room < 1:
+                raise ValueError(f"a context of {max(map(len, ctx))} tokens leaves μ no room to answer")
             gen = generate(self.model, ctx, min(self.max_answer_tokens, room), tasks.EOS_ID, tasks.PAD_ID,
                            self.temperature, forbid=(tasks.BACKTRACK_ID,), generator=self.generator)
-            answers = gen.tokens.tolist()
-            rewards += [tasks.verify(self.task, p, tasks.ANSWER + tasks.decode(a)) for p, a in
-                        zip(problems[i:i + self.chunk], answers)]
+            rewards += score_answers(self.task, problems[i:i + self.chunk], gen.tokens.tolist())
         return rewards
+
+
+def score_answers(task, problems, answers: list[list[int]]) -> list[int]:
+    """0/1 reward of each forced answer (token rows that follow <|answer|>; pads after <|eos|> are ignored)."""
+    return [tasks.verify(task, p, tasks.ANSWER + tasks.decode(t for t in row if t != tasks.PAD_ID))
+            for p, row in zip(problems, answers)]
 
 
 def estimate_success(meta_prover, problems: list, contexts: list[list[int]], n_rollouts: int) -> list[float]:
@@ -153,7 +159,8 @@ def token_advantages(outcome_advantage: float, episode_lengths: list[int], bonus
 
 def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """−(1/|tokens|) Σ_t A_t log π(y_t | ·) over the generated tokens (mask (B, T)); on-policy, no KL term."""
-    return -(logprobs * advantages * mask).sum() / mask.sum().clamp(min=1)
+    # where(), not a product with the mask: a padding position may hold log 0 = -inf, and -inf * 0 is NaN
+    return -torch.where(mask.bool(), logprobs * advantages, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------- sampling and budget forcing
@@ -216,8 +223,7 @@ class Trace:
             return [("", lines(self.first_attempt) + tasks.ANSWER + lines(self.first_attempt) + tasks.EOS)]
         z0, z1 = lines(self.first_attempt), f"{tasks.BACKTRACK}{self.keep}\n"
         answer = lines(self.first_attempt[:self.keep] + self.new_steps) + tasks.EOS
-        # the second pair teaches μ to answer right after the backtrack episode, from the kept steps
-        return [(z0, z1 + lines(self.new_steps) + tasks.ANSWER + answer), (z0 + z1 + tasks.ANSWER, answer)]
+        return [(z0, z1 + lines(self.new_steps) + tasks.ANSWER + answer)]
 
 
 def restart_steps(task, problem, attempt) -> list[int]:

@@ -91,6 +91,17 @@ class Countdown:
         numbers, target = problem
         return f"{BOS}{' '.join(map(str, numbers))}:{target}\n"
 
+    def parse_problem(self, text: str):
+        """'3 7 9:20' -> ((3, 7, 9), 20); raises ValueError naming what is wrong."""
+        numbers, _, target = text.partition(":")
+        try:
+            problem = tuple(sorted(int(n) for n in numbers.split())), int(target)
+        except ValueError:
+            raise ValueError(f"expected numbers and a target like '3 7 9:20', got {text!r}") from None
+        if len(problem[0]) != self.n_numbers or not self.can_reach(problem[0], problem[1]):
+            raise ValueError(f"{text!r} is not a solvable problem with {self.n_numbers} numbers")
+        return problem
+
     def start(self, problem) -> tuple:
         return tuple(sorted(problem[0]))
 

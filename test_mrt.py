@@ -197,12 +197,25 @@ def test_monte_carlo_estimate_of_J_matches_a_known_success_rate():
     assert calls == [8000]  # one batch; the repeated (problem, context) pair was estimated once
 
 
+def test_forced_answers_are_scored_with_their_padding_ignored():
+    good, bad = encode("9*3=27\n27-7=20\n" + EOS), encode("9*3=27\n27-3=24\n" + EOS)
+    rows = [good + [tasks.PAD_ID] * 3, bad + [tasks.PAD_ID], good[:-1]]  # the last one never reached <|eos|>
+    assert mrt.score_answers(TASK, [PROBLEM] * 3, rows) == [1, 0, 0]
+
+
 def test_reinforce_gradient_raises_the_logprob_of_advantaged_tokens():
     logits = torch.zeros(1, 2, 3, requires_grad=True)
     logp = torch.log_softmax(logits, -1)[:, :, 0]  # log-prob of token 0 at two positions
     loss = mrt.reinforce_loss(logp, torch.tensor([[1.0, -1.0]]), torch.ones(1, 2))
     loss.backward()
     assert logits.grad[0, 0, 0] < 0 < logits.grad[0, 1, 0]  # gradient descent: up where A > 0, down where A < 0
+
+
+def test_reinforce_loss_ignores_padding_even_where_its_logprob_is_minus_infinity():
+    logprobs = torch.tensor([[-0.5, float("-inf")]], requires_grad=True)
+    loss = mrt.reinforce_loss(logprobs, torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
+    loss.backward()
+    assert loss.item() == 1.0 and logprobs.grad.tolist() == [[-2.0, 0.0]]
 
 
 def test_budget_cut_keeps_complete_lines_only():
@@ -237,22 +250,86 @@ def test_warmstart_builder_with_a_model_makes_valid_traces():
 
 
 # ----------------------------------------------------------------------------- the pipeline
-def test_smoke_run_writes_results(tmp_path):
-    train.main(["--smoke", "--out-dir", str(tmp_path)])
-    results = json.loads((tmp_path / "results.json").read_text())
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    train.main(["--smoke", "--out-dir", str(out)])
+    return out, json.loads((out / "results.json").read_text())
+
+
+def numbers(results):
+    return {k: results[k] for k in ("models", "summary", "per_seed")}
+
+
+def test_smoke_run_writes_results(smoke_run):
+    out, results = smoke_run
     assert set(results["models"]) == {"base", "warm", "outcome", "mrt"}
     for m in results["models"].values():
         assert 0 <= m["accuracy"] <= 1 and len(m["regret"]) == results["config"]["max_episodes"]
-    assert (tmp_path / "log.jsonl").exists() and (tmp_path / "base.pt").exists()
+        assert len(m["J"]) == results["config"]["max_episodes"] + 1
+    assert (out / "log.jsonl").exists() and (out / "base.pt").exists()
+
+
+def test_same_seed_same_numbers(smoke_run, tmp_path):
+    train.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(smoke_run[1])
+
+
+def test_interrupted_run_resumes_from_finished_stages(smoke_run, tmp_path, capsys):
+    out, results = smoke_run
+    for name in ("base.pt", "warm.pt"):  # as if the run had been stopped during the RL stage
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    train.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert "base: finished earlier" in capsys.readouterr().out
+    assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(results)
+
+
+def test_checkpoint_from_other_options_is_refused(smoke_run, tmp_path, capsys):
+    (tmp_path / "base.pt").write_bytes((smoke_run[0] / "base.pt").read_bytes())
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--out-dir", str(tmp_path), "--base-steps", "31"])
+    err = capsys.readouterr().err
+    assert "base_steps" in err and "--fresh" in err and "Traceback" not in err
+
+
+def test_truncated_checkpoint_is_a_clear_error(smoke_run, tmp_path, capsys):
+    (tmp_path / "base.pt").write_bytes((smoke_run[0] / "base.pt").read_bytes()[:1000])
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert "base.pt: not a readable mrt checkpoint" in capsys.readouterr().err
+
+
+def test_explain_prints_each_episode_with_its_progress(smoke_run, capsys):
+    train.main(["--smoke", "--out-dir", str(smoke_run[0]), "--explain", "warm", "--problem", "3 7 9:20"])
+    out = capsys.readouterr().out
+    assert "J(μ | x)" in out and "z_0" in out and "reward r(x, z)" in out
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--rl-steps", "-1"], "--rl-steps"), (["--alpha", "-0.5"], "--alpha"), (["--device", "tpu"], "--device"),
-    (["--max-think", "500"], "--max-think"), (["--preset", "huge"], "--preset"),
+    (["--max-think", "500"], "--max-think"), (["--preset", "huge"], "--preset"), (["--n-head", "5"], "--n-head"),
+    (["--explain", "nothing"], "--explain"), (["--explain", "base", "--problem", "1 2 3:1000"], "--problem"),
 ])
-def test_bad_options_exit_with_one_clear_line(flags, message, tmp_path, capsys):
+def test_bad_options_exit_with_one_clear_line(flags, message, smoke_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--smoke", "--out-dir", str(tmp_path)] + flags)
+        train.main(["--smoke", "--out-dir", str(smoke_run[0])] + flags)
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_unwritable_out_dir_and_missing_device_are_clear_errors(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--out-dir", str(tmp_path / "file" / "sub")])
+    assert "--out-dir" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            train.main(["--smoke", "--out-dir", str(tmp_path), "--device", "cuda"])
+        assert "--device cuda" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_training():
+    model = tiny_model()
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train.check_finite(torch.tensor(float("nan")), model, "base")

@@ -41,21 +41,22 @@ class Config:
     # model
     n_layer: int = opt(4, "transformer blocks")
     n_head: int = opt(4, "attention heads")
-    n_embd: int = opt(128, "embedding width")
+    n_embd: int = opt(96, "embedding width")
     block_size: int = opt(128, "longest sequence (prompt + completion) in tokens")
     # stage 1: base model
-    base_steps: int = opt(1500, "pretraining steps on solver solutions")
+    base_steps: int = opt(800, "pretraining steps on solver solutions")
     batch_size: int = opt(128, "sequences per SFT step")
     lr: float = opt(3e-3, "peak learning rate of the SFT stages (warmup + cosine)")
     solutions_per_problem: int = opt(4, "solver solutions written out per training problem")
     cut_prob: float = opt(0.25, "share of base examples whose thinking is cut short before <|answer|> (teaches μ)")
-    eval_every: int = opt(500, "steps between held-out evaluations while pretraining")
+    eval_every: int = opt(200, "steps between held-out evaluations while pretraining")
     # stage 2: backtracking warm-start
     warm_problems: int = opt(1024, "training problems whose first attempts become warm-start traces")
     warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step")
     warm_steps: int = opt(300, "warm-start SFT steps")
+    warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
     # stage 3: RL
-    rl_steps: int = opt(60, "REINFORCE steps per arm")
+    rl_steps: int = opt(40, "REINFORCE steps per arm")
     rl_prompts: int = opt(16, "problems per RL step")
     rl_group: int = opt(8, "samples per problem (the group of the baseline)")
     rl_lr: float = opt(1e-4, "RL learning rate (constant)")
@@ -74,6 +75,9 @@ class Config:
     preset: str = opt("cpu", "cpu (default sizes), gpu (4 numbers, larger model) or smoke (tiny, seconds)")
     smoke: bool = opt(False, "same as --preset smoke")
     fresh: bool = opt(False, "ignore existing checkpoints in --out-dir and run every stage again")
+    explain: str = opt("", "only print one output stream episode by episode, with J and progress, from this stage's "
+                           "checkpoint in --out-dir (base, warm, rl_outcome_seed0, rl_mrt_seed0, ...)")
+    problem: str = opt("", "the problem for --explain, e.g. '3 7 9:20' (default: a random test problem)")
 
 
 PRESETS = {
@@ -96,9 +100,9 @@ def parse_args(argv=None) -> Config:
         else:
             parser.add_argument(flag, type=f.type, default=None, help=f"{f.metadata['help']} (default: {f.default})")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
+    if args.get("preset", "cpu") not in PRESETS:
+        parser.error(f"--preset must be one of {', '.join(PRESETS)}, got {args['preset']!r}")
     preset = "smoke" if args.get("smoke") else args.get("preset", "cpu")
-    if preset not in PRESETS:
-        parser.error(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if preset == "smoke":
         args.setdefault("out_dir", "out/smoke")
     return Config(**{**PRESETS[preset], **args, "preset": preset})
@@ -120,13 +124,14 @@ def check_config(cfg: Config):
                  "solutions_per_problem", "max_episodes"):
         need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     need(cfg.alpha >= 0, f"--alpha must be >= 0 (it weighs a bonus), got {cfg.alpha}")
-    need(cfg.lr > 0 and cfg.rl_lr > 0, "--lr and --rl-lr must be > 0")
+    need(min(cfg.lr, cfg.warm_lr, cfg.rl_lr) > 0, "--lr, --warm-lr and --rl-lr must be > 0")
     need(0 <= cfg.cut_prob <= 1, f"--cut-prob must be in [0, 1], got {cfg.cut_prob}")
     need(cfg.n_embd % cfg.n_head == 0, f"--n-embd ({cfg.n_embd}) must be a multiple of --n-head ({cfg.n_head})")
     need(cfg.task in tasks.TASKS, f"--task must be one of {', '.join(tasks.TASKS)}, got {cfg.task!r}")
     need(cfg.n_numbers >= 2 and cfg.max_number >= 1 and cfg.max_target >= 1,
          "--n-numbers must be >= 2, --max-number and --max-target >= 1")
-    need(cfg.max_think < cfg.block_size, f"--max-think ({cfg.max_think}) must be below --block-size ({cfg.block_size})")
+    need(cfg.max_think + 40 <= cfg.block_size, f"--max-think ({cfg.max_think}) must leave 40 tokens of --block-size "
+                                               f"({cfg.block_size}) for the prompt and the meta-prover's answer")
 
 
 def pick_device(name: str) -> torch.device:
@@ -169,7 +174,7 @@ TASK_MODEL = ["task", "n_numbers", "max_number", "max_target", "n_train", "n_tes
               "block_size", "seed"]
 STAGE_FIELDS = {
     "base": TASK_MODEL + ["base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob"],
-    "warm": ["warm_problems", "warm_rollouts", "warm_steps"],
+    "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr"],
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr", "max_think"],
     "mrt": ["alpha", "mc_rollouts"],
 }
@@ -286,15 +291,16 @@ def check_finite(loss, model, stage):
                                  f"lower the learning rate. Finished stages' checkpoints are intact.")
 
 
-def train_sft(model, X, Y, steps, cfg, device, gen, stage, log, evaluate=None):
+def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, evaluate=None):
     """Next-token cross-entropy on the targets, AdamW with warmup + cosine; a tqdm bar; optional periodic eval."""
-    optimizer = make_optimizer(model, cfg.lr, weight_decay=0.1)
+    optimizer = make_optimizer(model, lr, weight_decay=0.1)
     bar = tqdm(range(steps), desc=stage, dynamic_ncols=True)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, cfg.lr)
+            group["lr"] = lr_at(step, steps, lr)
         idx = torch.randint(len(X), (cfg.batch_size,), generator=gen)
-        x, y = X[idx].to(device), Y[idx].to(device)
+        width = int((Y[idx] != -1).any(0).nonzero().max()) + 1  # drop columns that are padding in every row
+        x, y = X[idx, :width].to(device), Y[idx, :width].to(device)
         model.train()
         with autocast(device):
             _, loss = model(x, y)
@@ -380,20 +386,30 @@ def evaluate(model, task, problems, cfg, device) -> dict:
     gen = torch.Generator(device).manual_seed(cfg.seed + 12345)  # the same draws for every model
     meta = mrt.MetaProver(model, task, generator=gen)
     with autocast(device):
-        prompts, completions, _ = mrt.sample_completions(model, task, problems, cfg.block_size, gen)
+        # The longest stream that still leaves μ room to answer after it (and after <|answer|>).
+        longest = cfg.block_size - max(len(tasks.encode(task.prompt(p))) for p in problems) - meta.max_answer_tokens - 1
+        prompts, completions, _ = mrt.sample_completions(model, task, problems, longest, gen)
         thinking = [mrt.split_completion(c)[0] for c in completions]
         episodes = [mrt.split_episodes(t) for t in thinking]
         values = mrt.episode_values(meta, problems, prompts, episodes, cfg.eval_rollouts, cfg.max_episodes)
-        longest = cfg.block_size - max(map(len, prompts))
         budgets = list(range(0, longest + 1, cfg.budget_step))
         by_budget = mrt.budget_accuracy(meta, task, problems, prompts, completions, budgets)
     n = len(problems)
     mean = lambda rows: [sum(col) / n for col in zip(*rows)]
+    # Does the model backtrack when it should? Split the streams by whether the first attempt z_0 was right.
+    first_right = [tasks.is_correct(task, p, tasks.parse_output(tasks.decode(t)).attempts[0])
+                   for p, t in zip(problems, thinking)]
+    backtracked = [tasks.BACKTRACK_ID in t for t in thinking]
+    rate = lambda right: (sum(b for b, r in zip(backtracked, first_right) if r == right)
+                          / max(1, sum(r == right for r in first_right)))
     return {
         "accuracy": sum(tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)) / n,
         "thinking_tokens": sum(map(len, thinking)) / n,
         "episodes": sum(map(len, episodes)) / n,
-        "backtrack_rate": sum(tasks.BACKTRACK_ID in t for t in thinking) / n,
+        "backtrack_rate": sum(backtracked) / n,
+        "first_attempt_accuracy": sum(first_right) / n,
+        "backtrack_after_wrong_first": rate(False),
+        "backtrack_after_right_first": rate(True),
         "J": mean(values),  # J[j] = J(μ | x, z_{0:j-1}); J[0] = J(μ | x)
         "regret": mean([mrt.cumulative_regret(v) for v in values]),  # regret[k-1] = Δ_k, comparator J(π*) = 1
         "budgets": budgets,
@@ -430,6 +446,41 @@ def print_table(results: dict, cfg: Config):
           f"budgets above {cfg.max_think} tokens exceed what RL ever saw)")
 
 
+def plot(results: dict, out_dir: str):
+    """accuracy vs budget, cumulative regret vs episodes, RL reward curves -> PNGs (only if matplotlib is installed)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
+    for name, m in results["summary"].items():
+        budgets = results["models"][name]["budgets"]
+        mean = [s["mean"] for s in m["budget_accuracy"]]
+        std = [s["std"] for s in m["budget_accuracy"]]
+        ax1.errorbar(budgets, mean, yerr=std, label=name, capsize=2)
+        k = list(range(1, len(m["regret"]) + 1))
+        ax2.errorbar(k, [s["mean"] for s in m["regret"]], yerr=[s["std"] for s in m["regret"]], label=name, capsize=2)
+    ax1.axvline(results["config"]["max_think"], color="gray", ls=":", label="RL budget")
+    ax1.set(xlabel="thinking budget B (tokens)", ylabel="accuracy (μ forced at B)", title="accuracy vs budget")
+    ax2.set(xlabel="episodes k", ylabel="cumulative regret Δ_k  (J(π*) = 1)", title="cumulative regret")
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    for arm in ("outcome", "mrt"):
+        by_step = {r["step"]: r["reward"] for r in rows  # later runs in the same out-dir overwrite earlier ones
+                   if r.get("stage") == f"rl_{arm}" and r.get("seed") == results["config"]["seed"] and "reward" in r}
+        curve = [by_step[k] for k in sorted(by_step)]
+        smooth = [sum(curve[max(0, i - 9):i + 1]) / len(curve[max(0, i - 9):i + 1]) for i in range(len(curve))]
+        ax3.plot(smooth, label=arm)
+    ax3.set(xlabel="RL step", ylabel="train reward (moving mean of 10)", title="RL training")
+    for ax in (ax1, ax2, ax3):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "results.png"), dpi=110)
+    plt.close(fig)
+
+
 def run(cfg: Config) -> dict:
     check_config(cfg)
     device = pick_device(cfg.device)
@@ -451,7 +502,8 @@ def run(cfg: Config) -> dict:
             return model
         start = time.time()
         model = build()
-        save_checkpoint(path(name), model, key)
+        steps = {"base": cfg.base_steps, "warm": cfg.warm_steps}.get(name, cfg.rl_steps)
+        save_checkpoint(path(name), model, key, stage=name, step=steps, seed=cfg.seed)
         timings[name] = time.time() - start
         log(stage=name, seconds=timings[name])
         return model
@@ -462,7 +514,7 @@ def run(cfg: Config) -> dict:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters")
         X, Y = sft_tensors(task, base_examples(task, train, cfg, rng("base")), cfg.block_size)
         evaluate_now = lambda m: greedy_accuracy(m, task, test, cfg)
-        return train_sft(model, X, Y, cfg.base_steps, cfg, device, torch_gen("base"), "base", log, evaluate_now)
+        return train_sft(model, X, Y, cfg.base_steps, cfg.lr, cfg, device, torch_gen("base"), "base", log, evaluate_now)
 
     def build_warm():
         r = rng("warm")
@@ -476,7 +528,7 @@ def run(cfg: Config) -> dict:
         examples = [(t.problem, ctx, target) for t in traces for ctx, target in t.texts()]
         replay = base_examples(task, r.sample(train, min(len(train), max(1, len(examples) // cfg.solutions_per_problem))), cfg, r)
         X, Y = sft_tensors(task, examples + replay, cfg.block_size)  # replay keeps the base skills (and μ) sharp
-        return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg, device, torch_gen("warm"), "warm-start", log)
+        return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, torch_gen("warm"), "warm-start", log)
 
     base = stage("base", stage_config(cfg, "base"), build_base)
     warm = stage("warm", stage_config(cfg, "warm"), build_warm)
@@ -498,13 +550,41 @@ def run(cfg: Config) -> dict:
         json.dump(results, f, indent=1)
     os.replace(os.path.join(cfg.out_dir, "results.json.tmp"), os.path.join(cfg.out_dir, "results.json"))
     print_table(results, cfg)
+    plot(results, cfg.out_dir)
     return results
+
+
+def explain(cfg: Config, rollouts: int = 32):
+    """Solve one problem with a trained model and show what "progress" means, episode by episode."""
+    device = pick_device(cfg.device)
+    path = os.path.join(cfg.out_dir, f"{cfg.explain}.pt")
+    if not os.path.exists(path):
+        raise UserError(f"--explain {cfg.explain}: no checkpoint {path} (run train.py with this --out-dir first)")
+    model = load_model(path, device).eval()
+    task = make_task(cfg)
+    try:
+        problem = task.parse_problem(cfg.problem) if cfg.problem else \
+            random.Random(cfg.seed).choice(tasks.make_split(task, cfg.n_train, cfg.n_test, cfg.seed)[1])
+    except ValueError as e:
+        raise UserError(f"--problem: {e}") from None
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    prompts, completions, _ = mrt.sample_completions(model, task, [problem], cfg.block_size, gen)
+    thinking, answer = mrt.split_completion(completions[0])
+    episodes = mrt.split_episodes(thinking)
+    values = mrt.episode_values(mrt.MetaProver(model, task, generator=gen), [problem], prompts, [episodes], rollouts)[0]
+    print(f"problem x: {tasks.decode(prompts[0][1:]).strip()}   (model: {path}; J from {rollouts} rollouts of μ)")
+    print(f"{'':<6}{'J(μ | x) with no thinking':<40}J = {values[0]:.2f}")
+    for j, (episode, bonus) in enumerate(zip(episodes, mrt.progress_bonus(values))):
+        text = tasks.decode(episode).replace("\n", " ").strip()
+        print(f"z_{j:<4}{text:<40}J = {values[j + 1]:.2f}   progress {bonus:+.2f}")
+    reward = tasks.verify(task, problem, tasks.decode(completions[0]))
+    print(f"answer: {tasks.decode(answer).replace(chr(10), ' ')}   reward r(x, z) = {reward}")
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     try:
-        run(cfg)
+        explain(cfg) if cfg.explain else run(cfg)
     except (UserError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

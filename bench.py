@@ -1,0 +1,167 @@
+"""How fast is each part, measured against this machine's own matmul peak. Prints a table, writes bench.json.
+
+    python bench.py                 # CPU or CUDA, whichever train.py would pick
+    python bench.py --out-dir out   # also read the stage timings of a finished `python train.py` run there
+"""
+import argparse
+import copy
+import json
+import os
+import random
+import time
+
+import torch
+
+import mrt
+import tasks
+import train
+from model import generate
+
+
+def timed(fn, repeat: int, device) -> float:
+    """Best wall time of `repeat` calls after one warm-up call (best-of: the least disturbed run)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_peak(device) -> float:
+    """FLOP/s of a large square matmul: fp32 on CPU, bf16 on CUDA (what training uses there)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, 5, device)
+
+
+def training_step(cfg, device):
+    """One SFT step at the preset's model size and batch on real data, as a closure; also the model and batch."""
+    task = train.make_task(cfg)
+    problems = tasks.make_split(task, 512, 1, cfg.seed)[0]
+    X, Y = train.sft_tensors(task, train.base_examples(task, problems, cfg, random.Random(0)), cfg.block_size)
+    model = train.new_model(cfg, device)
+    optimizer = train.make_optimizer(model, 1e-4, 0.1)
+    x, y = X[:cfg.batch_size].to(device), Y[:cfg.batch_size].to(device)
+
+    def step():
+        with train.autocast(device):
+            _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step, model, x
+
+
+def bench_training(cfg, device, peak) -> dict:
+    """tokens/s and model FLOP utilisation (6·N·tokens/s ÷ peak) of one SFT step at the default size and batch."""
+    step, model, x = training_step(cfg, device)
+    seconds = timed(step, 10, device)
+    tokens = x.numel()
+    n_params = sum(p.numel() for p in model.blocks.parameters())  # the matmul weights (embeddings are lookups)
+    return {"params": model.num_params(), "batch": list(x.shape), "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "mfu": 6 * n_params * tokens / seconds / peak}
+
+
+def profile_training(cfg, device, rows=12):
+    """Where a training step's time goes, by operator (torch.profiler): what bounds the MFU figure."""
+    step = training_step(cfg, device)[0]
+    step()
+    with torch.profiler.profile() as prof:
+        for _ in range(3):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def bench_sampling(cfg, device, batch=128, new_tokens=48) -> dict:
+    """Batched greedy generation with the KV cache vs recomputing the whole prefix every step."""
+    model = train.new_model(cfg, device).eval()
+    task = train.make_task(cfg)
+    prompts = [tasks.encode(task.prompt(p)) for p in tasks.make_split(task, batch, 1, cfg.seed)[0]]
+    outs = {}
+
+    def run(use_cache):
+        with train.autocast(device):
+            outs[use_cache] = generate(model, prompts, new_tokens, stop_id=-1, pad_id=tasks.PAD_ID, temperature=0,
+                                       use_cache=use_cache)
+    cached, recomputed = timed(lambda: run(True), 3, device), timed(lambda: run(False), 2, device)
+    tokens = batch * new_tokens
+    return {"batch": batch, "new_tokens": new_tokens, "kv_cache_tokens_per_s": tokens / cached,
+            "recompute_tokens_per_s": tokens / recomputed, "speedup": recomputed / cached,
+            "identical_outputs": bool(torch.equal(outs[True].tokens, outs[False].tokens))}
+
+
+def bench_rl(cfg, device, out_dir) -> dict:
+    """Wall time of one RL step with the MRT reward vs the outcome reward, from the same model and batch."""
+    path = os.path.join(out_dir, "warm.pt")
+    model = train.load_model(path, device) if os.path.exists(path) else train.new_model(cfg, device)
+    task = train.make_task(cfg)
+    problems = [p for p in tasks.make_split(task, cfg.rl_prompts, 1, cfg.seed)[0] for _ in range(cfg.rl_group)]
+    seconds = {}
+    for arm in ("outcome", "mrt"):
+        policy = copy.deepcopy(model)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+        gen = torch.Generator(device).manual_seed(0)
+        seconds[arm] = timed(lambda: train.rl_step(policy, optimizer, task, problems, cfg, arm, gen, device), 3, device)
+    return {"model": path if os.path.exists(path) else "untrained (run train.py first for realistic lengths)",
+            "outcome_step_s": seconds["outcome"], "mrt_step_s": seconds["mrt"],
+            "ratio": seconds["mrt"] / seconds["outcome"]}
+
+
+def pipeline_times(out_dir) -> dict:
+    """Wall time of each stage of a finished train.py run, read from its own log (the latest entry per stage)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return {}
+    rows = [json.loads(line) for line in open(path)]
+    return {r["stage"]: r["seconds"] for r in rows if "seconds" in r}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--preset", default="cpu", help="model sizes of this train.py preset (default: cpu)")
+    parser.add_argument("--out-dir", default="out", help="a train.py output dir to read checkpoints and timings from")
+    parser.add_argument("--profile", action="store_true", help="only print a profile of one training step")
+    args = parser.parse_args()
+    cfg = train.parse_args(["--preset", args.preset, "--device", args.device])
+    device = train.pick_device(cfg.device)
+    torch.manual_seed(0)
+    if args.profile:
+        return profile_training(cfg, device)
+    peak = matmul_peak(device)
+    results = {"device": str(device), "machine": machine_name(device), "threads": torch.get_num_threads(),
+               "preset": args.preset, "matmul_peak_gflops": peak / 1e9,
+               "training": bench_training(cfg, device, peak), "sampling": bench_sampling(cfg, device),
+               "rl_step": bench_rl(cfg, device, args.out_dir), "pipeline_s": pipeline_times(args.out_dir)}
+    with open("bench.json", "w") as f:
+        json.dump(results, f, indent=1)
+    t, s, r = results["training"], results["sampling"], results["rl_step"]
+    print(f"machine: {results['machine']} ({device}, {results['threads']} threads)")
+    print(f"{'matmul peak':<34}{peak / 1e9:>10.1f} GFLOP/s")
+    print(f"{'training step':<34}{t['tokens_per_s']:>10.0f} tok/s   MFU {100 * t['mfu']:.0f}% of peak "
+          f"(batch {t['batch']}, {t['params'] / 1e6:.2f}M params)")
+    print(f"{'sampling, KV cache':<34}{s['kv_cache_tokens_per_s']:>10.0f} tok/s")
+    print(f"{'sampling, recompute prefix':<34}{s['recompute_tokens_per_s']:>10.0f} tok/s   speed-up "
+          f"{s['speedup']:.1f}x, identical outputs: {s['identical_outputs']}")
+    print(f"{'RL step outcome / MRT':<34}{r['outcome_step_s']:>10.2f} s / {r['mrt_step_s']:.2f} s   ratio {r['ratio']:.2f}x")
+    for stage, secs in results["pipeline_s"].items():
+        print(f"{'pipeline: ' + stage:<34}{secs:>10.1f} s")
+
+
+def machine_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
