@@ -204,11 +204,14 @@ def load_checkpoint(path: str, device) -> dict:
     return blob
 
 
-def load_model(path: str, device) -> GPT:
-    blob = load_checkpoint(path, device)
+def model_from(blob: dict, device) -> GPT:
     model = GPT(GPTConfig(**blob["model_args"])).to(device)
     model.load_state_dict(blob["model"])
     return model
+
+
+def load_model(path: str, device) -> GPT:
+    return model_from(load_checkpoint(path, device), device)
 
 
 def finished_stage(cfg: Config, path: str, stage_cfg: dict, device):
@@ -220,9 +223,7 @@ def finished_stage(cfg: Config, path: str, stage_cfg: dict, device):
         diff = sorted(k for k in stage_cfg if blob["stage_config"].get(k) != stage_cfg[k])
         raise UserError(f"{path} was made with different options ({', '.join(diff)}); "
                         f"pass --fresh to overwrite it or choose another --out-dir")
-    model = GPT(GPTConfig(**blob["model_args"])).to(device)
-    model.load_state_dict(blob["model"])
-    return model
+    return model_from(blob, device)
 
 
 class Log:
