@@ -318,6 +318,11 @@ def test_bad_options_exit_with_one_clear_line(flags, message, smoke_run, capsys)
     assert message in err and "Traceback" not in err
 
 
+def test_tokens_to_reach_is_the_first_budget_at_the_target():
+    assert train.tokens_to_reach([0, 8, 16, 24], [0.1, 0.3, 0.2, 0.5], 0.3) == 8
+    assert train.tokens_to_reach([0, 8], [0.1, 0.2], 0.3) is None
+
+
 def test_unwritable_out_dir_and_missing_device_are_clear_errors(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit):

@@ -9,12 +9,14 @@ Every stage saves a checkpoint in --out-dir; re-running the same command skips f
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -415,7 +417,33 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         "regret": mean([mrt.cumulative_regret(v) for v in values]),  # regret[k-1] = Δ_k, comparator J(π*) = 1
         "budgets": budgets,
         "budget_accuracy": [by_budget[b] for b in budgets],
+        # Δ(B) = Σ_{B' ≤ B on the grid} (J(π*) − accuracy at B'), J(π*) = 1: regret against thinking tokens
+        "budget_regret": list(itertools.accumulate(1 - by_budget[b] for b in budgets)),
     }
+
+
+def parallel_comparator(model, task, problems, cfg, device, n_max: int = 8) -> dict:
+    """The comparator a user could pick instead of thinking longer: n independent samples, majority vote over their
+    answers. Accuracy for n = 1..n_max with the thinking tokens the n samples spent together."""
+    model.eval()
+    gen = torch.Generator(device).manual_seed(cfg.seed + 54321)
+    with autocast(device):
+        _, completions, _ = mrt.sample_completions(model, task, [p for p in problems for _ in range(n_max)],
+                                                   cfg.max_think, gen)
+    answers = [tuple(tasks.parse_output(tasks.decode(c)).answer or ()) for c in completions]
+    think = sum(len(mrt.split_completion(c)[0]) for c in completions) / len(completions)
+    accuracy = []
+    for n in range(1, n_max + 1):
+        votes = [Counter(a for a in answers[i * n_max:i * n_max + n] if a).most_common(1) for i in range(len(problems))]
+        accuracy.append(sum(bool(v) and tasks.is_correct(task, p, list(v[0][0])) for v, p in zip(votes, problems))
+                        / len(problems))
+    return {"n": list(range(1, n_max + 1)), "thinking_tokens": [n * think for n in range(1, n_max + 1)],
+            "accuracy": accuracy}
+
+
+def tokens_to_reach(budgets: list, accuracy: list, target: float):
+    """The smallest thinking budget at which the accuracy reaches `target` (None if it never does)."""
+    return next((b for b, a in zip(budgets, accuracy) if a >= target - 1e-9), None)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -445,6 +473,12 @@ def print_table(results: dict, cfg: Config):
               f"{cell(m['regret'][K - 1]):>16}" + "".join(f"{cell(m['budget_accuracy'][i]):>14}" for i in shown))
     print(f"(test problems: {cfg.n_test}; RL seeds: {cfg.rl_seeds}; comparator J(π*) = 1; "
           f"budgets above {cfg.max_think} tokens exceed what RL ever saw)")
+    par = results["parallel_base_majority_vote"]
+    print("base, majority vote of n samples: " + ", ".join(
+        f"n={n}: {a:.3f} ({t:.0f} tok)" for n, a, t in zip(par["n"], par["accuracy"], par["thinking_tokens"])))
+    reach = results["tokens_to_reach_outcome_accuracy"]
+    print(f"thinking tokens needed to reach outcome RL's accuracy ({reach['target']:.3f}): "
+          + ", ".join(f"{k} {reach[k]}" for k in ("base", "warm", "outcome", "mrt")))
 
 
 def plot(results: dict, out_dir: str):
@@ -463,6 +497,8 @@ def plot(results: dict, out_dir: str):
         ax1.errorbar(budgets, mean, yerr=std, label=name, capsize=2)
         k = list(range(1, len(m["regret"]) + 1))
         ax2.errorbar(k, [s["mean"] for s in m["regret"]], yerr=[s["std"] for s in m["regret"]], label=name, capsize=2)
+    par = results["parallel_base_majority_vote"]
+    ax1.plot(par["thinking_tokens"], par["accuracy"], "k--", marker=".", label="base, majority of n samples")
     ax1.axvline(results["config"]["max_think"], color="gray", ls=":", label="RL budget")
     ax1.set(xlabel="thinking budget B (tokens)", ylabel="accuracy (μ forced at B)", title="accuracy vs budget")
     ax2.set(xlabel="episodes k", ylabel="cumulative regret Δ_k  (J(π*) = 1)", title="cumulative regret")
@@ -543,10 +579,16 @@ def run(cfg: Config) -> dict:
     evals = {}
     for name, group in models.items():
         evals[name] = [evaluate(m, task, test, cfg, device) for m in tqdm(group, desc=f"evaluate {name}", leave=False)]
+    summary = {k: summarize(v) for k, v in evals.items()}
+    budgets = evals["base"][0]["budgets"]
+    target = summary["outcome"]["accuracy"]["mean"]  # how many tokens does each model need to match outcome RL?
+    efficiency = {k: tokens_to_reach(budgets, [s["mean"] for s in m["budget_accuracy"]], target)
+                  for k, m in summary.items()}
     results = {"config": asdict(cfg), "train_problems": len(train), "test_problems": len(test), "device": str(device),
                "stage_seconds": timings, "models": {k: v[0] for k, v in evals.items()},
-               "per_seed": {k: v for k, v in evals.items() if k in ("outcome", "mrt")},
-               "summary": {k: summarize(v) for k, v in evals.items()}}
+               "per_seed": {k: v for k, v in evals.items() if k in ("outcome", "mrt")}, "summary": summary,
+               "parallel_base_majority_vote": parallel_comparator(base, task, test, cfg, device),
+               "tokens_to_reach_outcome_accuracy": {"target": target, **efficiency}}
     with open(os.path.join(cfg.out_dir, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=1)
     os.replace(os.path.join(cfg.out_dir, "results.json.tmp"), os.path.join(cfg.out_dir, "results.json"))
