@@ -5,6 +5,7 @@
     python train.py --preset gpu
 
 Every stage saves a checkpoint in --out-dir; re-running the same command skips finished stages.
+The defaults below are the cpu preset's; --preset gpu / smoke change some of them, and explicit flags win.
 """
 import argparse
 import contextlib
@@ -48,7 +49,7 @@ class Config:
     # stage 1: base model
     base_steps: int = opt(800, "pretraining steps on solver solutions")
     batch_size: int = opt(128, "sequences per SFT step")
-    lr: float = opt(3e-3, "peak learning rate of the SFT stages (warmup + cosine)")
+    lr: float = opt(3e-3, "peak learning rate of base pretraining (warmup + cosine)")
     solutions_per_problem: int = opt(4, "solver solutions written out per training problem")
     cut_prob: float = opt(0.25, "share of base examples whose thinking is cut short before <|answer|> (teaches μ)")
     eval_every: int = opt(200, "steps between held-out evaluations while pretraining")
@@ -100,7 +101,8 @@ def parse_args(argv=None) -> Config:
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=f.type, default=None, help=f"{f.metadata['help']} (default: {f.default})")
+            parser.add_argument(flag, type=f.type, default=None, metavar=f.type.__name__.upper(),
+                                help=f"{f.metadata['help']} (default: {f.default})")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
     if args.get("preset", "cpu") not in PRESETS:
         parser.error(f"--preset must be one of {', '.join(PRESETS)}, got {args['preset']!r}")
