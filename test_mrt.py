@@ -284,6 +284,25 @@ def test_interrupted_run_resumes_from_finished_stages(smoke_run, tmp_path, capsy
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(results)
 
 
+def test_a_stage_interrupted_midway_resumes_from_its_snapshot(smoke_run, tmp_path, monkeypatch, capsys):
+    calls, real = [], train.check_finite
+
+    def interrupt_at_step_12(loss, model, stage):  # check_finite runs once per training step
+        calls.append(stage)
+        if len(calls) == 12:
+            raise KeyboardInterrupt
+        real(loss, model, stage)
+    monkeypatch.setattr(train, "check_finite", interrupt_at_step_12)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "base.pt.partial").exists() and not (tmp_path / "base.pt").exists()
+    monkeypatch.setattr(train, "check_finite", real)
+    train.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert "resuming at step 10" in capsys.readouterr().out
+    assert not (tmp_path / "base.pt.partial").exists()
+    assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(smoke_run[1])
+
+
 def test_checkpoint_from_other_options_is_refused(smoke_run, tmp_path, capsys):
     (tmp_path / "base.pt").write_bytes((smoke_run[0] / "base.pt").read_bytes())
     with pytest.raises(SystemExit):

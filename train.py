@@ -78,6 +78,7 @@ class Config:
     preset: str = opt("cpu", "cpu (default sizes), gpu (4 numbers, larger model) or smoke (tiny, seconds)")
     smoke: bool = opt(False, "same as --preset smoke")
     fresh: bool = opt(False, "ignore existing checkpoints in --out-dir and run every stage again")
+    snapshot_every: int = opt(50, "steps between mid-stage snapshots, from which an interrupted stage resumes")
     explain: str = opt("", "only print one output stream episode by episode, with J and progress, from this stage's "
                            "checkpoint in --out-dir (base, warm, rl_outcome_seed0, rl_mrt_seed0, ...)")
     problem: str = opt("", "the problem for --explain, e.g. '3 7 9:20' (default: a random test problem)")
@@ -89,7 +90,7 @@ PRESETS = {
                 warm_problems=4096, rl_steps=200, rl_prompts=32, max_think=128, n_test=1000, lr=1e-3),
     "smoke": dict(n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
                   warm_problems=32, warm_rollouts=2, warm_steps=10, rl_steps=2, rl_prompts=4, rl_group=4,
-                  mc_rollouts=2, rl_seeds=1, eval_rollouts=1, max_episodes=3, budget_step=16),
+                  mc_rollouts=2, rl_seeds=1, eval_rollouts=1, max_episodes=3, budget_step=16, snapshot_every=5),
 }
 
 
@@ -125,7 +126,7 @@ def check_config(cfg: Config):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "rl_prompts", "rl_group", "mc_rollouts",
                  "eval_rollouts", "n_test", "n_train", "rl_seeds", "budget_step", "warm_rollouts", "max_think",
-                 "solutions_per_problem", "max_episodes"):
+                 "solutions_per_problem", "max_episodes", "snapshot_every"):
         need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     need(cfg.alpha >= 0, f"--alpha must be >= 0 (it weighs a bonus), got {cfg.alpha}")
     need(min(cfg.lr, cfg.warm_lr, cfg.rl_lr) > 0, "--lr, --warm-lr and --rl-lr must be > 0")
@@ -230,6 +231,34 @@ def finished_stage(cfg: Config, path: str, stage_cfg: dict, device):
     return model_from(blob, device)
 
 
+class Snapshot:
+    """Mid-stage checkpoints: model, optimizer and random-number state every `every` steps, so that an interrupted
+    stage resumes where it stopped and then draws exactly what an uninterrupted run would have drawn."""
+
+    def __init__(self, path: str, stage_cfg: dict, every: int, fresh: bool):
+        self.path, self.stage_cfg, self.every, self.fresh = path, stage_cfg, every, fresh
+
+    def restore(self, model, optimizer, rngs) -> int:
+        """Load the latest snapshot into model, optimizer and generators; returns the step to continue from."""
+        if self.fresh or not os.path.exists(self.path):
+            return 0
+        blob = load_checkpoint(self.path, "cpu")
+        if blob["stage_config"] != self.stage_cfg:
+            print(f"{self.path}: made with other options, starting this stage over")
+            return 0
+        model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        for rng, state in zip(rngs, blob["rngs"]):
+            rng.set_state(state) if isinstance(rng, torch.Generator) else rng.setstate(state)
+        print(f"{self.path}: resuming at step {blob['step']}")
+        return blob["step"]
+
+    def save(self, step: int, model, optimizer, rngs):
+        if step % self.every == 0:
+            states = [r.get_state() if isinstance(r, torch.Generator) else r.getstate() for r in rngs]
+            save_checkpoint(self.path, model, self.stage_cfg, optimizer=optimizer.state_dict(), step=step, rngs=states)
+
+
 class Log:
     """Training curves and stage timings, one JSON object per line in <out-dir>/log.jsonl."""
 
@@ -296,10 +325,11 @@ def check_finite(loss, model, stage):
                                  f"lower the learning rate. Finished stages' checkpoints are intact.")
 
 
-def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, evaluate=None):
+def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, snapshot, evaluate=None):
     """Next-token cross-entropy on the targets, AdamW with warmup + cosine; a tqdm bar; optional periodic eval."""
     optimizer = make_optimizer(model, lr, weight_decay=0.1)
-    bar = tqdm(range(steps), desc=stage, dynamic_ncols=True)
+    start = snapshot.restore(model, optimizer, [gen])
+    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr)
@@ -321,6 +351,7 @@ def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, evaluate=Non
             acc = evaluate(model)
             log(stage=stage, step=step, test_accuracy=acc)
             bar.write(f"{stage} step {step + 1}: greedy test accuracy {acc:.3f}")
+        snapshot.save(step + 1, model, optimizer, [gen])
     return model
 
 
@@ -370,17 +401,20 @@ def rl_step(model, optimizer, task, problems, cfg, arm, gen, device) -> dict:
             "progress": sum(flat) / len(flat) if arm == "mrt" and flat else None}
 
 
-def train_rl(model, task, train, cfg, arm, seed, device, log):
+def train_rl(model, task, train, cfg, arm, seed, device, log, snapshot):
     """REINFORCE from the warm start. Both arms see the same problems in the same order (the data seed is shared)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
     data = random.Random(seed)
     gen = torch.Generator(device).manual_seed(seed)
-    bar = tqdm(range(cfg.rl_steps), desc=f"rl {arm} seed {seed}", dynamic_ncols=True)
+    start = snapshot.restore(model, optimizer, [data, gen])
+    bar = tqdm(range(start, cfg.rl_steps), desc=f"rl {arm} seed {seed}", initial=start, total=cfg.rl_steps,
+               dynamic_ncols=True)
     for step in bar:
         problems = [p for p in data.sample(train, cfg.rl_prompts) for _ in range(cfg.rl_group)]
         row = rl_step(model, optimizer, task, problems, cfg, arm, gen, device)
         log(stage=f"rl_{arm}", seed=seed, step=step, **row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", episodes=f"{row['episodes']:.2f}")
+        snapshot.save(step + 1, model, optimizer, [data, gen])
     return model
 
 
@@ -540,22 +574,26 @@ def run(cfg: Config) -> dict:
             print(f"{name}: finished earlier, loaded {path(name)}")
             return model
         start = time.time()
-        model = build()
+        snapshot = Snapshot(path(name) + ".partial", key, cfg.snapshot_every, cfg.fresh)
+        model = build(snapshot)
         steps = {"base": cfg.base_steps, "warm": cfg.warm_steps}.get(name, cfg.rl_steps)
         save_checkpoint(path(name), model, key, stage=name, step=steps, seed=cfg.seed)
+        if os.path.exists(snapshot.path):  # the stage is finished: its resume point is no longer needed
+            os.remove(snapshot.path)
         timings[name] = time.time() - start
         log(stage=name, seconds=timings[name])
         return model
 
-    def build_base():
+    def build_base(snapshot):
         torch.manual_seed(cfg.seed)
         model = new_model(cfg, device)
         print(f"model: {model.num_params() / 1e6:.2f}M parameters")
         X, Y = sft_tensors(task, base_examples(task, train, cfg, rng("base")), cfg.block_size)
         evaluate_now = lambda m: greedy_accuracy(m, task, test, cfg)
-        return train_sft(model, X, Y, cfg.base_steps, cfg.lr, cfg, device, torch_gen("base"), "base", log, evaluate_now)
+        return train_sft(model, X, Y, cfg.base_steps, cfg.lr, cfg, device, torch_gen("base"), "base", log, snapshot,
+                         evaluate_now)
 
-    def build_warm():
+    def build_warm(snapshot):
         r = rng("warm")
         base.eval()
         with autocast(device):
@@ -567,7 +605,8 @@ def run(cfg: Config) -> dict:
         examples = [(t.problem, ctx, target) for t in traces for ctx, target in t.texts()]
         replay = base_examples(task, r.sample(train, min(len(train), max(1, len(examples) // cfg.solutions_per_problem))), cfg, r)
         X, Y = sft_tensors(task, examples + replay, cfg.block_size)  # replay keeps the base skills (and μ) sharp
-        return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, torch_gen("warm"), "warm-start", log)
+        return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, torch_gen("warm"), "warm-start",
+                         log, snapshot)
 
     base = stage("base", stage_config(cfg, "base"), build_base)
     warm = stage("warm", stage_config(cfg, "warm"), build_warm)
@@ -575,7 +614,7 @@ def run(cfg: Config) -> dict:
     for seed in range(cfg.seed, cfg.seed + cfg.rl_seeds):
         for arm in ("outcome", "mrt"):
             key = {**stage_config(cfg, arm), "rl_seed": seed}
-            build = lambda: train_rl(copy.deepcopy(warm), task, train, cfg, arm, seed, device, log)
+            build = lambda snapshot: train_rl(copy.deepcopy(warm), task, train, cfg, arm, seed, device, log, snapshot)
             models[arm].append(stage(f"rl_{arm}_seed{seed}", key, build))
 
     evals = {}
