@@ -106,8 +106,9 @@ def bench_rl(cfg, device, out_dir) -> dict:
     for arm in ("outcome", "mrt"):
         policy = copy.deepcopy(model)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-        gen = torch.Generator(device).manual_seed(0)
-        seconds[arm] = timed(lambda: train.rl_step(policy, optimizer, task, problems, cfg, arm, gen, device), 3, device)
+        gen, meta_gen = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(1)
+        step = lambda: train.rl_step(policy, optimizer, task, problems, cfg, arm, gen, meta_gen, device)
+        seconds[arm] = timed(step, 3, device)
     return {"model": path if os.path.exists(path) else "untrained (run train.py first for realistic lengths)",
             "outcome_step_s": seconds["outcome"], "mrt_step_s": seconds["mrt"],
             "ratio": seconds["mrt"] / seconds["outcome"]}

@@ -303,6 +303,14 @@ def test_a_stage_interrupted_midway_resumes_from_its_snapshot(smoke_run, tmp_pat
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(smoke_run[1])
 
 
+def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, tmp_path):
+    for name in ("base.pt", "warm.pt"):
+        (tmp_path / name).write_bytes((smoke_run[0] / name).read_bytes())
+    train.main(["--smoke", "--out-dir", str(tmp_path), "--alpha", "0"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["per_seed"]["mrt"] == results["per_seed"]["outcome"]
+
+
 def test_checkpoint_from_other_options_is_refused(smoke_run, tmp_path, capsys):
     (tmp_path / "base.pt").write_bytes((smoke_run[0] / "base.pt").read_bytes())
     with pytest.raises(SystemExit):

@@ -363,8 +363,12 @@ def greedy_accuracy(model, task, problems, cfg) -> float:
 
 
 # ----------------------------------------------------------------------------- RL: outcome vs MRT
-def rl_step(model, optimizer, task, problems, cfg, arm, gen, device) -> dict:
-    """One on-policy REINFORCE step on a group of samples per problem; returns the numbers to log."""
+def rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device) -> dict:
+    """One on-policy REINFORCE step on a group of samples per problem; returns the numbers to log.
+
+    The policy samples with `gen` and μ with `meta_gen`: μ's draws never shift the policy's, so with α = 0 the MRT
+    arm takes exactly the outcome arm's steps.
+    """
     model.eval()
     with autocast(device):
         prompts, completions, _ = mrt.sample_completions(model, task, problems, cfg.max_think, gen)
@@ -373,7 +377,7 @@ def rl_step(model, optimizer, task, problems, cfg, arm, gen, device) -> dict:
     episodes = [mrt.split_episodes(mrt.split_completion(c)[0]) for c in completions]
     bonuses = [[0.0] * len(e) for e in episodes]
     if arm == "mrt":  # the progress bonus of every episode, from μ = the current policy forced to answer
-        meta = mrt.MetaProver(model, task, generator=gen)
+        meta = mrt.MetaProver(model, task, generator=meta_gen)
         with autocast(device):
             values = mrt.episode_values(meta, problems, prompts, episodes, cfg.mc_rollouts)
         bonuses = [mrt.progress_bonus(v) for v in values]
@@ -405,16 +409,16 @@ def train_rl(model, task, train, cfg, arm, seed, device, log, snapshot):
     """REINFORCE from the warm start. Both arms see the same problems in the same order (the data seed is shared)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
     data = random.Random(seed)
-    gen = torch.Generator(device).manual_seed(seed)
-    start = snapshot.restore(model, optimizer, [data, gen])
+    gen, meta_gen = torch.Generator(device).manual_seed(seed), torch.Generator(device).manual_seed(seed + 10_007)
+    start = snapshot.restore(model, optimizer, [data, gen, meta_gen])
     bar = tqdm(range(start, cfg.rl_steps), desc=f"rl {arm} seed {seed}", initial=start, total=cfg.rl_steps,
                dynamic_ncols=True)
     for step in bar:
         problems = [p for p in data.sample(train, cfg.rl_prompts) for _ in range(cfg.rl_group)]
-        row = rl_step(model, optimizer, task, problems, cfg, arm, gen, device)
+        row = rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device)
         log(stage=f"rl_{arm}", seed=seed, step=step, **row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", episodes=f"{row['episodes']:.2f}")
-        snapshot.save(step + 1, model, optimizer, [data, gen])
+        snapshot.save(step + 1, model, optimizer, [data, gen, meta_gen])
     return model
 
 
