@@ -77,15 +77,26 @@ def calculate(a: int, op: str, b: int):
 
 
 @dataclass(frozen=True)
-class Countdown:
-    """Combine two remaining numbers per step with + - * / until one number is left; it must equal the target.
-
-    A problem is (numbers, target); a state is the sorted tuple of the numbers still available.
+class NumberTask:
+    """What the tasks share: a problem is (numbers, target); each step `a op b=c` combines two numbers into one until
+    one is left, which must equal the target. A subclass says which numbers a step may combine (`moves`, `apply`) and
+    whether their order matters (`arrange`). Parsing, verification, the traces and the pipeline use only this interface.
     """
     n_numbers: int = 3
     max_number: int = 10
     max_target: int = 100
-    name = "countdown"
+
+    def arrange(self, numbers) -> tuple:
+        """The numbers as a state: sorted where their order does not matter."""
+        raise NotImplementedError
+
+    def apply(self, state: tuple, line: str):
+        """The state after the step written on `line`, or None if the step is malformed, wrong or not allowed."""
+        raise NotImplementedError
+
+    def moves(self, state: tuple) -> list[str]:
+        """Every legal step from `state`, in the canonical form the solver writes."""
+        raise NotImplementedError
 
     def prompt(self, problem) -> str:
         numbers, target = problem
@@ -95,47 +106,18 @@ class Countdown:
         """'3 7 9:20' -> ((3, 7, 9), 20); raises ValueError naming what is wrong."""
         numbers, _, target = text.partition(":")
         try:
-            problem = tuple(sorted(int(n) for n in numbers.split())), int(target)
+            problem = self.arrange(int(n) for n in numbers.split()), int(target)
         except ValueError:
             raise ValueError(f"expected numbers and a target like '3 7 9:20', got {text!r}") from None
-        if len(problem[0]) != self.n_numbers or not self.can_reach(problem[0], problem[1]):
-            raise ValueError(f"{text!r} is not a solvable problem with {self.n_numbers} numbers")
+        if len(problem[0]) != self.n_numbers or not self.can_reach(self.start(problem), problem[1]):
+            raise ValueError(f"{text!r} is not a solvable {self.name} problem with {self.n_numbers} numbers")
         return problem
 
     def start(self, problem) -> tuple:
-        return tuple(sorted(problem[0]))
-
-    def apply(self, state: tuple, line: str):
-        """The state after the step written on `line`, or None if the step is malformed, wrong or uses a missing number."""
-        step = parse_step(line)
-        if step is None:
-            return None
-        a, op, b, c = step
-        rest = list(state)
-        for x in (a, b):
-            if x not in rest:
-                return None
-            rest.remove(x)
-        if calculate(a, op, b) != c:
-            return None
-        return tuple(sorted(rest + [c]))
+        return self.arrange(problem[0])
 
     def is_solved(self, state: tuple, problem) -> bool:
         return state == (problem[1],)
-
-    def moves(self, state: tuple) -> list[str]:
-        """Every legal step from `state`, written larger number first (the canonical form the solver uses)."""
-        out = []
-        for i in range(len(state)):
-            for j in range(len(state)):
-                a, b = state[i], state[j]
-                if i == j or a < b or (a == b and i > j):
-                    continue
-                for op in "+-*/":
-                    c = calculate(a, op, b)
-                    if c is not None:
-                        out.append(f"{a}{op}{b}={c}")
-        return sorted(set(out))
 
     def solutions(self, state: tuple, target: int) -> list[list[str]]:
         """All step sequences from `state` that end with exactly `target` left (exact DFS)."""
@@ -152,13 +134,13 @@ class Countdown:
         return any(self.can_reach(self.apply(state, m), target) for m in self.moves(state))
 
     def key(self, problem) -> tuple:
-        """Identity of a problem up to the order of its numbers (used to dedupe and to split)."""
-        return tuple(sorted(problem[0])), problem[1]
+        """Identity of a problem (used to dedupe and to split): up to the order of the numbers where it does not matter."""
+        return self.arrange(problem[0]), problem[1]
 
     def random_problem(self, rng: random.Random):
         """A solvable problem: draw numbers, play random legal steps, and take the result as the target."""
         while True:
-            numbers = tuple(sorted(rng.randint(1, self.max_number) for _ in range(self.n_numbers)))
+            numbers = self.arrange(rng.randint(1, self.max_number) for _ in range(self.n_numbers))
             state = numbers
             while len(state) > 1:
                 state = self.apply(state, rng.choice(self.moves(state)))
@@ -166,7 +148,66 @@ class Countdown:
                 return numbers, state[0]
 
 
-TASKS = {"countdown": Countdown}
+@dataclass(frozen=True)
+class Countdown(NumberTask):
+    """Combine any two of the remaining numbers per step with + - * /. A state is the sorted remaining numbers."""
+    name = "countdown"
+
+    def arrange(self, numbers) -> tuple:
+        return tuple(sorted(numbers))
+
+    def apply(self, state: tuple, line: str):
+        step = parse_step(line)
+        if step is None:
+            return None
+        a, op, b, c = step
+        rest = list(state)
+        for x in (a, b):
+            if x not in rest:
+                return None
+            rest.remove(x)
+        if calculate(a, op, b) != c:
+            return None
+        return tuple(sorted(rest + [c]))
+
+    def moves(self, state: tuple) -> list[str]:
+        """Larger number first, each pair once."""
+        out = []
+        for i in range(len(state)):
+            for j in range(len(state)):
+                a, b = state[i], state[j]
+                if i == j or a < b or (a == b and i > j):
+                    continue
+                for op in "+-*/":
+                    c = calculate(a, op, b)
+                    if c is not None:
+                        out.append(f"{a}{op}{b}={c}")
+        return sorted(set(out))
+
+
+@dataclass(frozen=True)
+class Chain(NumberTask):
+    """Left to right: combine the running result with the next number, in the order given (3 7 9:30 -> 3*7=21,
+    21+9=30). A state is (running result, numbers still to come). An early wrong operator is only found out later."""
+    name = "chain"
+
+    def arrange(self, numbers) -> tuple:
+        return tuple(numbers)
+
+    def apply(self, state: tuple, line: str):
+        step = parse_step(line)
+        if step is None or len(state) < 2 or step[0] != state[0] or step[2] != state[1]:
+            return None
+        if calculate(*step[:3]) != step[3]:
+            return None
+        return (step[3],) + state[2:]
+
+    def moves(self, state: tuple) -> list[str]:
+        a, b = state[0], state[1]
+        return [f"{a}{op}{b}={c}" for op in "+-*/" if (c := calculate(a, op, b)) is not None]
+
+
+TASKS = {"countdown": Countdown, "chain": Chain}
 
 
 def make_split(task, n_train: int, n_test: int, seed: int):

@@ -82,6 +82,18 @@ def test_parser_and_verifier_never_raise_on_random_token_streams():
         assert verify(TASK, PROBLEM, text) in (0, 1)
 
 
+def test_chain_task_combines_numbers_left_to_right():
+    chain = tasks.Chain(3, 10, 100)
+    problem = chain.parse_problem("3 7 9:30")  # order matters: 3*7=21, 21+9=30
+    assert problem == ((3, 7, 9), 30) and chain.key(problem) != chain.key(((7, 3, 9), 30))
+    assert chain.solutions(chain.start(problem), 30) == [["3*7=21", "21+9=30"]]
+    assert chain.apply((3, 7, 9), "7*3=21") is None  # the running result comes first
+    assert chain.apply((3, 7, 9), "3+9=12") is None  # the next number, not any number
+    assert verify(chain, problem, ANSWER + "3*7=21\n21+9=30\n" + EOS) == 1
+    train_set, test_set = tasks.make_split(chain, 300, 50, seed=0)
+    assert not {chain.key(p) for p in train_set} & {chain.key(p) for p in test_set}
+
+
 def test_split_is_disjoint_up_to_the_order_of_numbers_and_fixed_by_seed():
     train_a, test_a = tasks.make_split(TASK, 500, 100, seed=3)
     train_b, test_b = tasks.make_split(TASK, 500, 100, seed=3)
@@ -301,6 +313,11 @@ def test_a_stage_interrupted_midway_resumes_from_its_snapshot(smoke_run, tmp_pat
     assert "resuming at step 10" in capsys.readouterr().out
     assert not (tmp_path / "base.pt.partial").exists()
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(smoke_run[1])
+
+
+def test_second_task_trains_end_to_end(tmp_path):
+    train.main(["--smoke", "--task", "chain", "--out-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["task"] == "chain"
 
 
 def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, tmp_path):
