@@ -235,7 +235,7 @@ def restart_steps(task, problem, attempt) -> list[int]:
 def other_solutions(task, problem, attempt, k) -> list[list[str]]:
     """Solutions that keep z_0's first k steps and then leave it (their step k differs from z_0's)."""
     state = tasks.run_steps(task, problem, attempt[:k])
-    return [s for s in task.solutions(state, problem[1]) if k >= len(attempt) or s[0] != attempt[k]]
+    return [s for s in task.solutions(state, problem[1]) if s and (k >= len(attempt) or s[0] != attempt[k])]
 
 
 def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng: random.Random) -> Trace:

@@ -248,6 +248,13 @@ def test_warmstart_trace_backtracks_to_the_best_step_and_verifies():
     assert z0 == attempt and z0[:trace.keep] == z2[:trace.keep] and z0[trace.keep] != z2[trace.keep]
 
 
+def test_no_backtrack_target_where_the_kept_steps_already_solve_it():
+    attempt = ["9*3=27", "27-7=20", "20+1=21"]  # solved after two steps, then a stray line
+    # 9*3=27, 27-7=20 is the only solution, and keeping both steps leaves nothing to redo: nowhere to go back to
+    assert TASK.solutions(TASK.start(PROBLEM), 20) == [attempt[:2]]
+    assert mrt.restart_steps(TASK, PROBLEM, attempt) == []
+
+
 def test_warmstart_builder_with_a_model_makes_valid_traces():
     problems = tasks.make_split(TASK, 20, 1, seed=0)[0]
     traces = mrt.build_traces(tiny_model(block_size=128), TASK, problems, 2, 40, torch.Generator().manual_seed(0),
@@ -323,9 +330,13 @@ def test_second_task_trains_end_to_end(tmp_path):
 def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, tmp_path):
     for name in ("base.pt", "warm.pt"):
         (tmp_path / name).write_bytes((smoke_run[0] / name).read_bytes())
-    train.main(["--smoke", "--out-dir", str(tmp_path), "--alpha", "0"])
+    train.main(["--smoke", "--out-dir", str(tmp_path), "--alpha", "0", "--rl-steps", "4"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["per_seed"]["mrt"] == results["per_seed"]["outcome"]
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    curve = lambda arm: [(r["step"], r["reward"], r["tokens"], r["episodes"], r["loss"]) for r in rows
+                         if r.get("stage") == f"rl_{arm}"]
+    assert len(curve("mrt")) == 4 and curve("mrt") == curve("outcome")  # the same samples, step by step
 
 
 def test_checkpoint_from_other_options_is_refused(smoke_run, tmp_path, capsys):
