@@ -354,6 +354,13 @@ def test_truncated_checkpoint_is_a_clear_error(smoke_run, tmp_path, capsys):
     assert "base.pt: not a readable mrt checkpoint" in capsys.readouterr().err
 
 
+def test_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "base.pt")  # a torch file, but not one of ours
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert "base.pt: not a readable mrt checkpoint" in capsys.readouterr().err
+
+
 def test_explain_prints_each_episode_with_its_progress(smoke_run, capsys):
     train.main(["--smoke", "--out-dir", str(smoke_run[0]), "--explain", "warm", "--problem", "3 7 9:20"])
     out = capsys.readouterr().out
