@@ -124,6 +124,7 @@ def pipeline_times(out_dir) -> dict:
 
 
 def main():
+    """Run every benchmark, print the table, write bench.json."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     parser.add_argument("--preset", default="cpu", help="model sizes of this train.py preset (default: cpu)")
@@ -156,6 +157,7 @@ def main():
 
 
 def machine_name(device) -> str:
+    """The GPU's or the CPU's model name, for the record."""
     if device.type == "cuda":
         return torch.cuda.get_device_name()
     try:

@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 @dataclass
 class GPTConfig:
+    """The network's sizes (nanoGPT's fields; the tokenizer fixes vocab_size)."""
     block_size: int = 128  # longest sequence (prompt + completion) the model sees
     vocab_size: int = 23
     n_layer: int = 4
@@ -40,6 +41,7 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention; reads and extends the KV cache when one is given."""
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.n_head, self.layer = config.n_head, layer
@@ -57,6 +59,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The feed-forward block: 4x wider, GELU."""
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
@@ -67,6 +70,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-LayerNorm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.ln_1, self.attn = nn.LayerNorm(config.n_embd), CausalSelfAttention(config, layer)
@@ -78,6 +82,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Token + position embeddings, n_layer blocks, a final LayerNorm and the tied output head."""
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -100,6 +105,7 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
+        """Parameter count (the tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, positions=None, mask=None, cache=None):
@@ -130,6 +136,7 @@ def token_logprobs(model: GPT, idx, exclude=()):
 
 @dataclass
 class Generation:
+    """What `generate` returns."""
     tokens: torch.Tensor  # (B, N) sampled ids, `pad_id` after the stop token
     logprobs: torch.Tensor  # (B, N) log-prob of each sampled id under the sampling distribution, 0 after the stop
     lengths: torch.Tensor  # (B,) tokens up to and including the stop token

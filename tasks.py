@@ -99,6 +99,7 @@ class NumberTask:
         raise NotImplementedError
 
     def prompt(self, problem) -> str:
+        """The model's input x: `<|bos|>numbers:target` and a newline."""
         numbers, target = problem
         return f"{BOS}{' '.join(map(str, numbers))}:{target}\n"
 
@@ -114,9 +115,11 @@ class NumberTask:
         return problem
 
     def start(self, problem) -> tuple:
+        """The state before any step."""
         return self.arrange(problem[0])
 
     def is_solved(self, state: tuple, problem) -> bool:
+        """One number is left and it is the target."""
         return state == (problem[1],)
 
     def solutions(self, state: tuple, target: int) -> list[list[str]]:

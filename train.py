@@ -29,11 +29,13 @@ from model import GPT, GPTConfig, token_logprobs
 
 
 def opt(default, help):
+    """A Config field with its --help text."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
+    """Every option of the pipeline; each field is a command-line flag (--n-numbers for n_numbers)."""
     # task
     task: str = opt("countdown", "which task (see tasks.TASKS)")
     n_numbers: int = opt(3, "numbers per Countdown problem")
@@ -119,6 +121,7 @@ class UserError(Exception):
 
 
 def check_config(cfg: Config):
+    """Raise UserError naming the first option that is out of range."""
     def need(ok, message):
         if not ok:
             raise UserError(message)
@@ -140,6 +143,7 @@ def check_config(cfg: Config):
 
 
 def pick_device(name: str) -> torch.device:
+    """--device auto picks cuda, then mps, then cpu; a named device must exist here."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
@@ -151,6 +155,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def prepare_out_dir(path: str):
+    """Create --out-dir and check that it is writable, before any work is done."""
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, ".write-test")
@@ -166,10 +171,12 @@ def autocast(device):
 
 
 def make_task(cfg: Config):
+    """The task object the options describe."""
     return tasks.TASKS[cfg.task](cfg.n_numbers, cfg.max_number, cfg.max_target)
 
 
 def new_model(cfg: Config, device) -> GPT:
+    """A freshly initialised GPT of the configured size."""
     config = GPTConfig(cfg.block_size, tasks.VOCAB_SIZE, cfg.n_layer, cfg.n_head, cfg.n_embd)
     return GPT(config).to(device)
 
@@ -201,6 +208,7 @@ def save_checkpoint(path: str, model: GPT, stage_cfg: dict, **extra):
 
 
 def load_checkpoint(path: str, device) -> dict:
+    """A checkpoint dict; a truncated or foreign file is a UserError naming it."""
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
         assert isinstance(blob, dict) and {"model", "model_args", "stage_config"} <= blob.keys()
@@ -210,12 +218,14 @@ def load_checkpoint(path: str, device) -> dict:
 
 
 def model_from(blob: dict, device) -> GPT:
+    """The GPT stored in a checkpoint dict."""
     model = GPT(GPTConfig(**blob["model_args"])).to(device)
     model.load_state_dict(blob["model"])
     return model
 
 
 def load_model(path: str, device) -> GPT:
+    """The GPT stored in the checkpoint file at `path`."""
     return model_from(load_checkpoint(path, device), device)
 
 
@@ -559,6 +569,7 @@ def plot(results: dict, out_dir: str):
 
 
 def run(cfg: Config) -> dict:
+    """The whole pipeline: each stage skipped if finished, resumed if interrupted; writes results.json."""
     check_config(cfg)
     device = pick_device(cfg.device)
     prepare_out_dir(cfg.out_dir)
@@ -670,6 +681,7 @@ def explain(cfg: Config, rollouts: int = 32):
 
 
 def main(argv=None):
+    """Command-line entry point: user errors become one line on stderr and exit code 2."""
     cfg = parse_args(argv)
     try:
         explain(cfg) if cfg.explain else run(cfg)
