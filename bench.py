@@ -12,7 +12,6 @@ import time
 
 import torch
 
-import mrt
 import tasks
 import train
 from model import generate

@@ -433,14 +433,18 @@ def train_rl(model, task, train, cfg, arm, seed, device, log, snapshot):
 
 
 # ----------------------------------------------------------------------------- evaluation
+def thinking_room(cfg: Config, task, problems, meta) -> int:
+    """The longest stream that still leaves μ room to answer after it (and after <|answer|>)."""
+    return cfg.block_size - max(len(tasks.encode(task.prompt(p))) for p in problems) - meta.max_answer_tokens - 1
+
+
 def evaluate(model, task, problems, cfg, device) -> dict:
     """One sampled stream per test problem: accuracy, length, episodes, J(μ | x, z_{0:j}), regret, budget accuracy."""
     model.eval()
     gen = torch.Generator(device).manual_seed(cfg.seed + 12345)  # the same draws for every model
     meta = mrt.MetaProver(model, task, generator=gen)
     with autocast(device):
-        # The longest stream that still leaves μ room to answer after it (and after <|answer|>).
-        longest = cfg.block_size - max(len(tasks.encode(task.prompt(p))) for p in problems) - meta.max_answer_tokens - 1
+        longest = thinking_room(cfg, task, problems, meta)
         prompts, completions, _ = mrt.sample_completions(model, task, problems, longest, gen)
         thinking = [mrt.split_completion(c)[0] for c in completions]
         episodes = [mrt.split_episodes(t) for t in thinking]
@@ -667,10 +671,11 @@ def explain(cfg: Config, rollouts: int = 32):
     except ValueError as e:
         raise UserError(f"--problem: {e}") from None
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    prompts, completions, _ = mrt.sample_completions(model, task, [problem], cfg.block_size, gen)
+    meta = mrt.MetaProver(model, task, generator=gen)
+    prompts, completions, _ = mrt.sample_completions(model, task, [problem], thinking_room(cfg, task, [problem], meta), gen)
     thinking, answer = mrt.split_completion(completions[0])
     episodes = mrt.split_episodes(thinking)
-    values = mrt.episode_values(mrt.MetaProver(model, task, generator=gen), [problem], prompts, [episodes], rollouts)[0]
+    values = mrt.episode_values(meta, [problem], prompts, [episodes], rollouts)[0]
     print(f"problem x: {tasks.decode(prompts[0][1:]).strip()}   (model: {path}; J from {rollouts} rollouts of μ)")
     print(f"{'':<6}{'J(μ | x) with no thinking':<40}J = {values[0]:.2f}")
     for j, (episode, bonus) in enumerate(zip(episodes, mrt.progress_bonus(values))):
