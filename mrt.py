@@ -216,14 +216,14 @@ class Trace:
     keep: int | None = None  # steps of z_0 the backtrack keeps (None: z_0 was right, no backtrack)
     new_steps: list | None = None  # z_2's steps (after the kept prefix)
 
-    def texts(self) -> list[tuple[str, str]]:
-        """SFT (context, target) pairs: the loss skips the context (a wrong z_0 is not something to imitate)."""
+    def pieces(self) -> list[tuple[str, bool]]:
+        """The SFT example as (text, learn) pieces: the loss skips a wrong z_0 (not something to imitate)."""
         lines = tasks.steps_text
         if self.keep is None:
-            return [("", lines(self.first_attempt) + tasks.ANSWER + lines(self.first_attempt) + tasks.EOS)]
+            return [(lines(self.first_attempt) + tasks.ANSWER + lines(self.first_attempt) + tasks.EOS, True)]
         z0, z1 = lines(self.first_attempt), f"{tasks.BACKTRACK}{self.keep}\n"
         answer = lines(self.first_attempt[:self.keep] + self.new_steps) + tasks.EOS
-        return [(z0, z1 + lines(self.new_steps) + tasks.ANSWER + answer)]
+        return [(z0, False), (z1 + lines(self.new_steps) + tasks.ANSWER + answer, True)]
 
 
 def restart_steps(task, problem, attempt) -> list[int]:

@@ -144,11 +144,17 @@ class NumberTask:
         """A solvable problem: draw numbers, play random legal steps, and take the result as the target."""
         while True:
             numbers = self.arrange(rng.randint(1, self.max_number) for _ in range(self.n_numbers))
-            state = numbers
-            while len(state) > 1:
-                state = self.apply(state, rng.choice(self.moves(state)))
-            if 1 <= state[0] <= self.max_target:
-                return numbers, state[0]
+            target = parse_step(self.random_play(numbers, rng)[-1])[3]
+            if target <= self.max_target:
+                return numbers, target
+
+    def random_play(self, state: tuple, rng: random.Random) -> list[str]:
+        """Random legal steps from `state` until one number is left."""
+        steps = []
+        while len(state) > 1:
+            steps.append(rng.choice(self.moves(state)))
+            state = self.apply(state, steps[-1])
+        return steps
 
 
 @dataclass(frozen=True)
@@ -293,3 +299,4 @@ def verify(task, problem, completion: str) -> int:
 def steps_text(steps) -> str:
     """Steps written one per line: the text of an attempt or of an answer."""
     return "".join(step + "\n" for step in steps)
+

@@ -82,6 +82,21 @@ def test_parser_and_verifier_never_raise_on_random_token_streams():
         assert verify(TASK, PROBLEM, text) in (0, 1)
 
 
+def test_random_play_is_legal_to_the_end():
+    rng = random.Random(0)
+    for _ in range(20):
+        play = TASK.random_play(TASK.start(PROBLEM), rng)
+        assert len(play) == 2 and tasks.valid_prefix(TASK, PROBLEM, play) == 2
+
+
+def test_sft_targets_are_only_the_learned_pieces():
+    X, Y = train.sft_tensors(TASK, [(PROBLEM, [("9-7=", True), ("2\n", False), (EOS, True)])], block_size=64)
+    prompt = len(encode(TASK.prompt(PROBLEM)))
+    assert decode(X[0, :prompt].tolist()) == TASK.prompt(PROBLEM)
+    assert decode([y for y in Y[0].tolist() if y != -1]) == "9-7=" + EOS  # the result "2\n" carries no loss
+    assert (Y[0, :prompt - 1] == -1).all()
+
+
 def test_chain_task_combines_numbers_left_to_right():
     chain = tasks.Chain(3, 10, 100)
     problem = chain.parse_problem("3 7 9:30")  # order matters: 3*7=21, 21+9=30
@@ -241,9 +256,10 @@ def test_warmstart_trace_backtracks_to_the_best_step_and_verifies():
     attempt = ["9-7=2", "3*2=6"]
     trace = mrt.make_trace(TASK, PROBLEM, attempt, {0: 0.5, 1: 0.0}, {}, random.Random(0))
     assert trace.keep == 0
-    for context, target in trace.texts():
-        assert verify(TASK, PROBLEM, context + target) == 1
-    parsed = parse_output("".join(trace.texts()[0]))
+    text = "".join(piece for piece, _ in trace.pieces())
+    assert verify(TASK, PROBLEM, text) == 1
+    assert trace.pieces()[0] == (tasks.steps_text(attempt), False)  # no loss on the wrong first attempt
+    parsed = parse_output(text)
     z0, z2 = parsed.attempts
     assert z0 == attempt and z0[:trace.keep] == z2[:trace.keep] and z0[trace.keep] != z2[trace.keep]
 
@@ -261,7 +277,7 @@ def test_warmstart_builder_with_a_model_makes_valid_traces():
                               random.Random(0))
     assert traces
     for t in traces:
-        text = "".join(t.texts()[0])
+        text = "".join(piece for piece, _ in t.pieces())
         assert verify(TASK, t.problem, text) == 1
         if t.keep is not None:
             z0, z2 = parse_output(text).attempts

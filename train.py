@@ -54,6 +54,7 @@ class Config:
     lr: float = opt(3e-3, "peak learning rate of base pretraining (warmup + cosine)")
     solutions_per_problem: int = opt(4, "solver solutions written out per training problem")
     cut_prob: float = opt(0.25, "share of base examples whose thinking is cut short before <|answer|> (teaches μ)")
+    practice_per_problem: int = opt(0, "random lines of play per problem, loss on the results only (arithmetic practice)")
     eval_every: int = opt(200, "steps between held-out evaluations while pretraining")
     # stage 2: backtracking warm-start
     warm_problems: int = opt(1024, "training problems whose first attempts become warm-start traces")
@@ -125,7 +126,7 @@ def check_config(cfg: Config):
     def need(ok, message):
         if not ok:
             raise UserError(message)
-    for name in ("base_steps", "warm_steps", "rl_steps", "eval_every", "warm_problems"):
+    for name in ("base_steps", "warm_steps", "rl_steps", "eval_every", "warm_problems", "practice_per_problem"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "rl_prompts", "rl_group", "mc_rollouts",
                  "eval_rollouts", "n_test", "n_train", "rl_seeds", "budget_step", "warm_rollouts", "max_think",
@@ -185,7 +186,7 @@ def new_model(cfg: Config, device) -> GPT:
 TASK_MODEL = ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
               "block_size", "seed"]
 STAGE_FIELDS = {
-    "base": TASK_MODEL + ["base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob"],
+    "base": TASK_MODEL + ["base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob", "practice_per_problem"],
     "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr"],
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr", "max_think"],
     "mrt": ["alpha", "mc_rollouts"],
@@ -282,32 +283,50 @@ class Log:
 
 # ----------------------------------------------------------------------------- supervised stages
 def base_examples(task, problems, cfg: Config, rng: random.Random) -> list:
-    """(problem, context, target) triples: one correct attempt then the answer, or (cut_prob) a thinking stream cut
-    after a random number of steps, then <|answer|> in the context and the full answer as the target (teaches μ)."""
+    """(problem, pieces) examples, pieces being (text, learn) pairs; the loss is on learn=True text only. Per problem:
+    `solutions_per_problem` solver solutions, one attempt then the answer, of which `cut_prob` cut the thinking short
+    before <|answer|> (this teaches μ to answer from partial thinking); and `practice_per_problem` random legal lines
+    of play with the loss on each step's result only (arithmetic practice, off by default).
+
+    Why practice: a solution's last result is always the target, so a model that learns results from solutions
+    alone learns to *bend* its last step onto the target (`9*7=39`), and a failed attempt looks like a success.
+    """
     out = []
     for p in problems:
         solutions = task.solutions(task.start(p), p[1])
         for steps in rng.sample(solutions, min(cfg.solutions_per_problem, len(solutions))):
             if rng.random() < cfg.cut_prob:
-                cut = rng.randrange(len(steps))
-                out.append((p, tasks.steps_text(steps[:cut]) + tasks.ANSWER, tasks.steps_text(steps) + tasks.EOS))
+                cut = tasks.steps_text(steps[:rng.randrange(len(steps))]) + tasks.ANSWER
+                out.append((p, [(cut, False), (tasks.steps_text(steps) + tasks.EOS, True)]))
             else:
-                out.append((p, "", tasks.steps_text(steps) + tasks.ANSWER + tasks.steps_text(steps) + tasks.EOS))
+                out.append((p, [(tasks.steps_text(steps) + tasks.ANSWER + tasks.steps_text(steps) + tasks.EOS, True)]))
+        for _ in range(cfg.practice_per_problem):
+            moves_and_results = [step.split("=") for step in task.random_play(task.start(p), rng)]
+            out.append((p, [(piece, learn) for move, result in moves_and_results
+                            for piece, learn in ((move + "=", False), (result + "\n", True))]))
     return out
 
 
 def sft_tensors(task, examples, block_size: int):
-    """Inputs X and targets Y (N, T); Y is -1 (no loss) on the prompt, the context and the padding."""
-    rows = [(tasks.encode(task.prompt(p) + ctx), tasks.encode(target)) for p, ctx, target in examples]
-    T = max(len(h) + len(t) for h, t in rows) - 1
+    """Inputs X and targets Y (N, T) from (problem, pieces) examples; Y is -1 (no loss) on the prompt, on pieces
+    with learn=False and on the padding."""
+    rows = []
+    for p, pieces in examples:
+        ids, learn = tasks.encode(task.prompt(p)), []
+        learn += [False] * len(ids)
+        for text, on in pieces:
+            piece = tasks.encode(text)
+            ids, learn = ids + piece, learn + [on] * len(piece)
+        rows.append((ids, learn))
+    T = max(len(ids) for ids, _ in rows) - 1
     if T > block_size:
         raise UserError(f"training sequences reach {T} tokens: raise --block-size above it")
     X = torch.full((len(rows), T), tasks.PAD_ID, dtype=torch.long)
     Y = torch.full((len(rows), T), -1, dtype=torch.long)
-    for i, (head, tail) in enumerate(rows):
-        ids = torch.tensor(head + tail)
+    for i, (ids, learn) in enumerate(rows):
+        ids, learn = torch.tensor(ids), torch.tensor(learn)
         X[i, :len(ids) - 1] = ids[:-1]
-        Y[i, len(head) - 1:len(ids) - 1] = ids[len(head):]
+        Y[i, :len(ids) - 1] = torch.where(learn[1:], ids[1:], -1)
     return X, Y
 
 
@@ -454,19 +473,23 @@ def evaluate(model, task, problems, cfg, device) -> dict:
     n = len(problems)
     mean = lambda rows: [sum(col) / n for col in zip(*rows)]
     # Does the model backtrack when it should? Split the streams by whether the first attempt z_0 was right.
-    first_right = [tasks.is_correct(task, p, tasks.parse_output(tasks.decode(t)).attempts[0])
-                   for p, t in zip(problems, thinking)]
+    first = [tasks.parse_output(tasks.decode(t)).attempts[0] for t in thinking]
+    first_right = [tasks.is_correct(task, p, a) for p, a in zip(problems, first)]
     backtracked = [tasks.BACKTRACK_ID in t for t in thinking]
-    rate = lambda right: (sum(b for b, r in zip(backtracked, first_right) if r == right)
-                          / max(1, sum(r == right for r in first_right)))
+    rate = lambda flags, right: (sum(f for f, r in zip(flags, first_right) if r == right)
+                                 / max(1, sum(r == right for r in first_right)))
+    # A wrong z_0 whose last line still ends on the target *looks* solved: the model cannot see that it failed.
+    ends_on_target = [bool(a) and (step := tasks.parse_step(a[-1])) is not None and step[3] == p[1]
+                      for p, a in zip(problems, first)]
     return {
         "accuracy": sum(tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)) / n,
         "thinking_tokens": sum(map(len, thinking)) / n,
         "episodes": sum(map(len, episodes)) / n,
         "backtrack_rate": sum(backtracked) / n,
         "first_attempt_accuracy": sum(first_right) / n,
-        "backtrack_after_wrong_first": rate(False),
-        "backtrack_after_right_first": rate(True),
+        "backtrack_after_wrong_first": rate(backtracked, False),
+        "backtrack_after_right_first": rate(backtracked, True),
+        "wrong_first_ending_on_target": rate(ends_on_target, False),
         "J": mean(values),  # J[j] = J(μ | x, z_{0:j-1}); J[0] = J(μ | x)
         "regret": mean([mrt.cumulative_regret(v) for v in values]),  # regret[k-1] = Δ_k, comparator J(π*) = 1
         "budgets": budgets,
@@ -621,7 +644,7 @@ def run(cfg: Config) -> dict:
         backtracks = sum(t.keep is not None for t in traces)
         print(f"warm-start: {len(traces)} traces, {backtracks} backtrack after a failed first attempt")
         log(stage="warm", traces=len(traces), backtrack_traces=backtracks)
-        examples = [(t.problem, ctx, target) for t in traces for ctx, target in t.texts()]
+        examples = [(t.problem, t.pieces()) for t in traces]
         replay = base_examples(task, r.sample(train, min(len(train), max(1, len(examples) // cfg.solutions_per_problem))), cfg, r)
         X, Y = sft_tensors(task, examples + replay, cfg.block_size)  # replay keeps the base skills (and μ) sharp
         return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, torch_gen("warm"), "warm-start",
