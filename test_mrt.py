@@ -89,6 +89,16 @@ def test_random_play_is_legal_to_the_end():
         assert len(play) == 2 and tasks.valid_prefix(TASK, PROBLEM, play) == 2
 
 
+def test_arithmetic_practice_is_a_legal_line_of_play_learned_on_its_results_only():
+    cfg = train.Config(solutions_per_problem=1, cut_prob=0.0, practice_per_problem=1)
+    solution, (_, practice) = train.base_examples(TASK, [PROBLEM], cfg, random.Random(0))
+    play = "".join(text for text, _ in practice).split()
+    assert tasks.valid_prefix(TASK, PROBLEM, play) == len(play) == 2
+    assert "".join(text for text, learn in practice if learn) == "".join(s.split("=")[1] + "\n" for s in play)
+    only = tasks.steps_text(["9*3=27", "27-7=20"])  # PROBLEM's one solution, learned whole
+    assert solution[1] == [(only + ANSWER + only + EOS, True)]
+
+
 def test_sft_targets_are_only_the_learned_pieces():
     X, Y = train.sft_tensors(TASK, [(PROBLEM, [("9-7=", True), ("2\n", False), (EOS, True)])], block_size=64)
     prompt = len(encode(TASK.prompt(PROBLEM)))

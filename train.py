@@ -312,12 +312,8 @@ def sft_tensors(task, examples, block_size: int):
     with learn=False and on the padding."""
     rows = []
     for p, pieces in examples:
-        ids, learn = tasks.encode(task.prompt(p)), []
-        learn += [False] * len(ids)
-        for text, on in pieces:
-            piece = tasks.encode(text)
-            ids, learn = ids + piece, learn + [on] * len(piece)
-        rows.append((ids, learn))
+        parts = [(tasks.encode(task.prompt(p)), False)] + [(tasks.encode(text), learn) for text, learn in pieces]
+        rows.append(([i for ids, _ in parts for i in ids], [learn for ids, learn in parts for _ in ids]))
     T = max(len(ids) for ids, _ in rows) - 1
     if T > block_size:
         raise UserError(f"training sequences reach {T} tokens: raise --block-size above it")
