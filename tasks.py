@@ -299,4 +299,3 @@ def verify(task, problem, completion: str) -> int:
 def steps_text(steps) -> str:
     """Steps written one per line: the text of an attempt or of an answer."""
     return "".join(step + "\n" for step in steps)
-
