@@ -106,7 +106,7 @@ def parse_args(argv=None) -> Config:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=f.type, default=None, metavar=f.type.__name__.upper(),
-                                help=f"{f.metadata['help']} (default: {f.default})")
+                                help=f.metadata["help"] + (f" (default: {f.default})" if f.default != "" else ""))
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
     if args.get("preset", "cpu") not in PRESETS:
         parser.error(f"--preset must be one of {', '.join(PRESETS)}, got {args['preset']!r}")
