@@ -43,7 +43,9 @@ def training_step(cfg, device):
     """One SFT step at the preset's model size and batch on real data, as a closure; also the model and batch."""
     task = train.make_task(cfg)
     problems = tasks.make_split(task, 512, 1, cfg.seed)[0]
-    X, Y = train.sft_tensors(task, train.base_examples(task, problems, cfg, random.Random(0)), cfg.block_size)
+    examples = tasks.base_examples(task, problems, cfg.solutions_per_problem, cfg.cut_prob, cfg.practice_per_problem,
+                                   random.Random(0))
+    X, Y = train.sft_tensors(task, examples, cfg.block_size)
     model = train.new_model(cfg, device)
     optimizer = train.make_optimizer(model, 1e-4, 0.1)
     x, y = X[:cfg.batch_size].to(device), Y[:cfg.batch_size].to(device)
@@ -98,7 +100,8 @@ def bench_sampling(cfg, device, batch=128, new_tokens=48) -> dict:
 def bench_rl(cfg, device, out_dir) -> dict:
     """Wall time of one RL step with the MRT reward vs the outcome reward, from the same model and batch."""
     path = os.path.join(out_dir, "warm.pt")
-    model = train.load_model(path, device) if os.path.exists(path) else train.new_model(cfg, device)
+    trained = os.path.exists(path)
+    model = train.load_model(path, device) if trained else train.new_model(cfg, device)
     task = train.make_task(cfg)
     problems = [p for p in tasks.make_split(task, cfg.rl_prompts, 1, cfg.seed)[0] for _ in range(cfg.rl_group)]
     seconds = {}
@@ -108,7 +111,7 @@ def bench_rl(cfg, device, out_dir) -> dict:
         gen, meta_gen = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(1)
         step = lambda: train.rl_step(policy, optimizer, task, problems, cfg, arm, gen, meta_gen, device)
         seconds[arm] = timed(step, 3, device)
-    return {"model": path if os.path.exists(path) else "untrained (run train.py first for realistic lengths)",
+    return {"model": path if trained else "untrained (run train.py first for realistic lengths)",
             "outcome_step_s": seconds["outcome"], "mrt_step_s": seconds["mrt"],
             "ratio": seconds["mrt"] / seconds["outcome"]}
 

@@ -4,7 +4,6 @@ Notation (the paper's):  x a problem,  z = [z_0, z_1, ..., z_{k-1}] the thinking
 μ the meta-prover (the same model, forced to stop thinking and answer),  J(μ | x, z_{0:j}) its success rate after
 episodes 0..j,  J(π*) a comparator's success rate,  r(x, z) the 0/1 outcome reward,  α the weight of the progress bonus.
 """
-import random
 from dataclasses import dataclass
 
 import torch
@@ -208,50 +207,7 @@ def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, 
 
 
 # ----------------------------------------------------------------------------- the backtracking warm-start
-@dataclass
-class Trace:
-    """One warm-start example: a first attempt z_0 and, if it failed, where to backtrack and the new attempt z_2."""
-    problem: tuple
-    first_attempt: list  # z_0's steps
-    keep: int | None = None  # steps of z_0 the backtrack keeps (None: z_0 was right, no backtrack)
-    new_steps: list | None = None  # z_2's steps (after the kept prefix)
-
-    def pieces(self) -> list[tuple[str, bool]]:
-        """The SFT example as (text, learn) pieces: the loss skips a wrong z_0 (not something to imitate)."""
-        lines = tasks.steps_text
-        if self.keep is None:
-            return [(lines(self.first_attempt) + tasks.ANSWER + lines(self.first_attempt) + tasks.EOS, True)]
-        z0, z1 = lines(self.first_attempt), f"{tasks.BACKTRACK}{self.keep}\n"
-        answer = lines(self.first_attempt[:self.keep] + self.new_steps) + tasks.EOS
-        return [(z0, False), (z1 + lines(self.new_steps) + tasks.ANSWER + answer, True)]
-
-
-def restart_steps(task, problem, attempt) -> list[int]:
-    """Steps k worth backtracking to: z_0's first k steps are legal and a solution goes on with a *different* step k."""
-    last = min(tasks.valid_prefix(task, problem, attempt), len(attempt) - 1) if attempt else 0
-    return [k for k in range(last + 1) if other_solutions(task, problem, attempt, k)]
-
-
-def other_solutions(task, problem, attempt, k) -> list[list[str]]:
-    """Solutions that keep z_0's first k steps and then leave it (their step k differs from z_0's)."""
-    state = tasks.run_steps(task, problem, attempt[:k])
-    return [s for s in task.solutions(state, problem[1]) if s and (k >= len(attempt) or s[0] != attempt[k])]
-
-
-def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng: random.Random) -> Trace:
-    """Backtrack to the step with the highest restart success rate (ties: keep more), then attempt anew.
-
-    `rates[k]` is the Monte Carlo success rate of restarting after z_0's first k steps; `rollouts[k]` lists the
-    step lists of the base model's successful restarts. z_2 is one of those that leaves z_0 at step k, or else
-    a solver's solution that does.
-    """
-    keep = max(rates, key=lambda k: (rates[k], k))
-    good = [s[keep:] for s in rollouts.get(keep, []) if keep >= len(attempt) or s[keep] != attempt[keep]]
-    new_steps = good[0] if good else rng.choice(other_solutions(task, problem, attempt, keep))[keep:]
-    return Trace(problem, attempt, keep, new_steps)
-
-
-def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, generator, rng) -> list[Trace]:
+def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, generator, rng) -> list[tasks.Trace]:
     """The paper's warm-start recipe: sample z_0 from the base model; for a failed one, estimate by Monte Carlo the
     success rate of restarting from each of its steps, and write the trace that backtracks to the best one."""
     prompts, firsts, _ = sample_completions(model, task, problems, max_new_tokens, generator)
@@ -259,10 +215,10 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
     for i, (p, comp) in enumerate(zip(problems, firsts)):
         attempt = tasks.parse_output(tasks.decode(comp)).attempts[0]
         if tasks.is_correct(task, p, attempt):
-            traces.append(Trace(p, attempt))
+            traces.append(tasks.Trace(p, attempt))
         else:
             failed[i] = attempt
-    jobs = [(i, k) for i, att in failed.items() for k in restart_steps(task, problems[i], att) for _ in range(n_rollouts)]
+    jobs = [(i, k) for i, att in failed.items() for k in tasks.restart_steps(task, problems[i], att) for _ in range(n_rollouts)]
     kept_text = lambda i, k: tasks.steps_text(failed[i][:k])
     conts = complete(model, [prompts[i] + tasks.encode(kept_text(i, k)) for i, k in jobs], max_new_tokens,
                      generator)[0] if jobs else []
@@ -276,5 +232,5 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
         if ok and not parsed.backtracks and tasks.is_correct(task, problems[i], parsed.attempts[0]):
             rollouts.setdefault(i, {}).setdefault(k, []).append(parsed.attempts[0])
     for i in sorted(rates):
-        traces.append(make_trace(task, problems[i], failed[i], rates[i], rollouts.get(i, {}), rng))
+        traces.append(tasks.make_trace(task, problems[i], failed[i], rates[i], rollouts.get(i, {}), rng))
     return traces

@@ -1,4 +1,5 @@
-"""The world the model lives in: a character-level tokenizer and the Countdown search task.
+"""The world the model lives in: a character-level tokenizer, the search tasks, and their training text (solver
+solutions, arithmetic practice, backtracking traces).
 
 One model output (everything after the prompt) has a single text format, shared by every stage:
 
@@ -11,6 +12,7 @@ One model output (everything after the prompt) has a single text format, shared 
 Everything before <|answer|> is the *thinking* stream; the verifier only scores the answer.
 """
 import functools
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -63,17 +65,17 @@ def parse_step(line: str):
     return int(m[1]), m[2], int(m[3]), int(m[4])
 
 
+OPERATIONS = {  # a op b, or None where the result would not be a positive integer
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b if a > b else None,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a // b if a % b == 0 else None,
+}
+
+
 def calculate(a: int, op: str, b: int):
     """a op b if the result is a positive integer (no negatives, no zero, exact division only), else None."""
-    if op == "+":
-        return a + b
-    if op == "*":
-        return a * b
-    if op == "-":
-        return a - b if a > b else None
-    if op == "/":
-        return a // b if a % b == 0 else None
-    return None
+    return OPERATIONS[op](a, b) if op in OPERATIONS else None
 
 
 @dataclass(frozen=True)
@@ -180,18 +182,12 @@ class Countdown(NumberTask):
         return tuple(sorted(rest + [c]))
 
     def moves(self, state: tuple) -> list[str]:
-        """Larger number first, each pair once."""
-        out = []
-        for i in range(len(state)):
-            for j in range(len(state)):
-                a, b = state[i], state[j]
-                if i == j or a < b or (a == b and i > j):
-                    continue
-                for op in "+-*/":
-                    c = calculate(a, op, b)
-                    if c is not None:
-                        out.append(f"{a}{op}{b}={c}")
-        return sorted(set(out))
+        """Larger number first, each pair of positions once."""
+        out = set()
+        for i, j in itertools.combinations(range(len(state)), 2):
+            a, b = state[j], state[i]  # the state is sorted, so a >= b
+            out.update(f"{a}{op}{b}={c}" for op in OPERATIONS if (c := calculate(a, op, b)) is not None)
+        return sorted(out)
 
 
 @dataclass(frozen=True)
@@ -213,7 +209,7 @@ class Chain(NumberTask):
 
     def moves(self, state: tuple) -> list[str]:
         a, b = state[0], state[1]
-        return [f"{a}{op}{b}={c}" for op in "+-*/" if (c := calculate(a, op, b)) is not None]
+        return [f"{a}{op}{b}={c}" for op in OPERATIONS if (c := calculate(a, op, b)) is not None]
 
 
 TASKS = {"countdown": Countdown, "chain": Chain}
@@ -276,12 +272,7 @@ def run_steps(task, problem, lines):
 
 def valid_prefix(task, problem, lines) -> int:
     """How many leading steps of `lines` are legal moves."""
-    state = task.start(problem)
-    for i, line in enumerate(lines):
-        state = task.apply(state, line)
-        if state is None:
-            return i
-    return len(lines)
+    return next((k for k in range(len(lines)) if run_steps(task, problem, lines[:k + 1]) is None), len(lines))
 
 
 def is_correct(task, problem, lines) -> bool:
@@ -299,3 +290,73 @@ def verify(task, problem, completion: str) -> int:
 def steps_text(steps) -> str:
     """Steps written one per line: the text of an attempt or of an answer."""
     return "".join(step + "\n" for step in steps)
+
+
+# ----------------------------------------------------------------------------- training text and backtracking traces
+def base_examples(task, problems, solutions_per_problem: int, cut_prob: float, practice_per_problem: int,
+                  rng: random.Random) -> list:
+    """(problem, pieces) examples, pieces being (text, learn) pairs; the loss is on learn=True text only. Per problem:
+    `solutions_per_problem` solver solutions, one attempt then the answer, of which `cut_prob` cut the thinking short
+    before <|answer|> (this teaches μ to answer from partial thinking); and `practice_per_problem` random legal lines
+    of play with the loss on each step's result only (arithmetic practice, off by default).
+
+    Why practice: a solution's last result is always the target, so a model that learns results from solutions
+    alone learns to *bend* its last step onto the target (`9*7=39`), and a failed attempt looks like a success.
+    """
+    out = []
+    for p in problems:
+        solutions = task.solutions(task.start(p), p[1])
+        for steps in rng.sample(solutions, min(solutions_per_problem, len(solutions))):
+            if rng.random() < cut_prob:
+                cut = steps_text(steps[:rng.randrange(len(steps))]) + ANSWER
+                out.append((p, [(cut, False), (steps_text(steps) + EOS, True)]))
+            else:
+                out.append((p, [(steps_text(steps) + ANSWER + steps_text(steps) + EOS, True)]))
+        for _ in range(practice_per_problem):
+            moves_and_results = [step.split("=") for step in task.random_play(task.start(p), rng)]
+            out.append((p, [(piece, learn) for move, result in moves_and_results
+                            for piece, learn in ((move + "=", False), (result + "\n", True))]))
+    return out
+
+
+@dataclass
+class Trace:
+    """One warm-start example: a first attempt z_0 and, if it failed, where to backtrack and the new attempt z_2."""
+    problem: tuple
+    first_attempt: list  # z_0's steps
+    keep: int | None = None  # steps of z_0 the backtrack keeps (None: z_0 was right, no backtrack)
+    new_steps: list | None = None  # z_2's steps (after the kept prefix)
+
+    def pieces(self) -> list[tuple[str, bool]]:
+        """The SFT example as (text, learn) pieces: the loss skips a wrong z_0 (not something to imitate)."""
+        lines = steps_text
+        if self.keep is None:
+            return [(lines(self.first_attempt) + ANSWER + lines(self.first_attempt) + EOS, True)]
+        z0, z1 = lines(self.first_attempt), f"{BACKTRACK}{self.keep}\n"
+        answer = lines(self.first_attempt[:self.keep] + self.new_steps) + EOS
+        return [(z0, False), (z1 + lines(self.new_steps) + ANSWER + answer, True)]
+
+
+def restart_steps(task, problem, attempt) -> list[int]:
+    """Steps k worth backtracking to: z_0's first k steps are legal and a solution goes on with a *different* step k."""
+    last = min(valid_prefix(task, problem, attempt), len(attempt) - 1) if attempt else 0
+    return [k for k in range(last + 1) if other_solutions(task, problem, attempt, k)]
+
+
+def other_solutions(task, problem, attempt, k) -> list[list[str]]:
+    """Solutions that keep z_0's first k steps and then leave it (their step k differs from z_0's)."""
+    state = run_steps(task, problem, attempt[:k])
+    return [s for s in task.solutions(state, problem[1]) if s and (k >= len(attempt) or s[0] != attempt[k])]
+
+
+def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng: random.Random) -> Trace:
+    """Backtrack to the step with the highest restart success rate (ties: keep more), then attempt anew.
+
+    `rates[k]` is the Monte Carlo success rate of restarting after z_0's first k steps; `rollouts[k]` lists the
+    step lists of the base model's successful restarts. z_2 is one of those that leaves z_0 at step k, or else
+    a solver's solution that does.
+    """
+    keep = max(rates, key=lambda k: (rates[k], k))
+    good = [s[keep:] for s in rollouts.get(keep, []) if keep >= len(attempt) or s[keep] != attempt[keep]]
+    new_steps = good[0] if good else rng.choice(other_solutions(task, problem, attempt, keep))[keep:]
+    return Trace(problem, attempt, keep, new_steps)

@@ -90,8 +90,7 @@ def test_random_play_is_legal_to_the_end():
 
 
 def test_arithmetic_practice_is_a_legal_line_of_play_learned_on_its_results_only():
-    cfg = train.Config(solutions_per_problem=1, cut_prob=0.0, practice_per_problem=1)
-    solution, (_, practice) = train.base_examples(TASK, [PROBLEM], cfg, random.Random(0))
+    solution, (_, practice) = tasks.base_examples(TASK, [PROBLEM], 1, 0.0, 1, random.Random(0))
     play = "".join(text for text, _ in practice).split()
     assert tasks.valid_prefix(TASK, PROBLEM, play) == len(play) == 2
     assert "".join(text for text, learn in practice if learn) == "".join(s.split("=")[1] + "\n" for s in play)
@@ -264,7 +263,7 @@ def test_budget_cut_keeps_complete_lines_only():
 
 def test_warmstart_trace_backtracks_to_the_best_step_and_verifies():
     attempt = ["9-7=2", "3*2=6"]
-    trace = mrt.make_trace(TASK, PROBLEM, attempt, {0: 0.5, 1: 0.0}, {}, random.Random(0))
+    trace = tasks.make_trace(TASK, PROBLEM, attempt, {0: 0.5, 1: 0.0}, {}, random.Random(0))
     assert trace.keep == 0
     text = "".join(piece for piece, _ in trace.pieces())
     assert verify(TASK, PROBLEM, text) == 1
@@ -278,7 +277,7 @@ def test_no_backtrack_target_where_the_kept_steps_already_solve_it():
     attempt = ["9*3=27", "27-7=20", "20+1=21"]  # solved after two steps, then a stray line
     # 9*3=27, 27-7=20 is the only solution, and keeping both steps leaves nothing to redo: nowhere to go back to
     assert TASK.solutions(TASK.start(PROBLEM), 20) == [attempt[:2]]
-    assert mrt.restart_steps(TASK, PROBLEM, attempt) == []
+    assert tasks.restart_steps(TASK, PROBLEM, attempt) == []
 
 
 def test_warmstart_builder_with_a_model_makes_valid_traces():
@@ -340,11 +339,10 @@ def test_a_stage_interrupted_midway_resumes_from_its_snapshot(smoke_run, tmp_pat
     monkeypatch.setattr(train, "check_finite", interrupt_at_step_12)
     with pytest.raises(KeyboardInterrupt):
         train.main(["--smoke", "--out-dir", str(tmp_path)])
-    assert (tmp_path / "base.pt.partial").exists() and not (tmp_path / "base.pt").exists()
+    assert torch.load(tmp_path / "base.pt", weights_only=True)["step"] == 10  # the last resume point (every 5 steps)
     monkeypatch.setattr(train, "check_finite", real)
     train.main(["--smoke", "--out-dir", str(tmp_path)])
     assert "resuming at step 10" in capsys.readouterr().out
-    assert not (tmp_path / "base.pt.partial").exists()
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(smoke_run[1])
 
 

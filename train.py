@@ -28,9 +28,9 @@ import tasks
 from model import GPT, GPTConfig, token_logprobs
 
 
-def opt(default, help):
-    """A Config field with its --help text."""
-    return field(default=default, metadata={"help": help})
+def opt(default, help, low=None):
+    """A Config field: its default, its --help text and the smallest value it accepts (checked by check_config)."""
+    return field(default=default, metadata={"help": help, "low": low})
 
 
 @dataclass
@@ -38,42 +38,43 @@ class Config:
     """Every option of the pipeline; each field is a command-line flag (--n-numbers for n_numbers)."""
     # task
     task: str = opt("countdown", "which task (see tasks.TASKS)")
-    n_numbers: int = opt(3, "numbers per Countdown problem")
-    max_number: int = opt(10, "numbers are drawn from 1..max_number")
-    max_target: int = opt(100, "largest target")
-    n_train: int = opt(100_000, "training problems (capped by how many distinct problems exist)")
-    n_test: int = opt(300, "held-out test problems")
+    n_numbers: int = opt(3, "numbers per Countdown problem", 2)
+    max_number: int = opt(10, "numbers are drawn from 1..max_number", 1)
+    max_target: int = opt(100, "largest target", 1)
+    n_train: int = opt(100_000, "training problems (capped by how many distinct problems exist)", 1)
+    n_test: int = opt(300, "held-out test problems", 1)
     # model
-    n_layer: int = opt(4, "transformer blocks")
-    n_head: int = opt(4, "attention heads")
-    n_embd: int = opt(96, "embedding width")
-    block_size: int = opt(128, "longest sequence (prompt + completion) in tokens")
+    n_layer: int = opt(4, "transformer blocks", 1)
+    n_head: int = opt(4, "attention heads", 1)
+    n_embd: int = opt(96, "embedding width", 1)
+    block_size: int = opt(128, "longest sequence (prompt + completion) in tokens", 1)
     # stage 1: base model
-    base_steps: int = opt(800, "pretraining steps on solver solutions")
-    batch_size: int = opt(128, "sequences per SFT step")
+    base_steps: int = opt(800, "pretraining steps on solver solutions", 0)
+    batch_size: int = opt(128, "sequences per SFT step", 1)
     lr: float = opt(3e-3, "peak learning rate of base pretraining (warmup + cosine)")
-    solutions_per_problem: int = opt(4, "solver solutions written out per training problem")
-    cut_prob: float = opt(0.25, "share of base examples whose thinking is cut short before <|answer|> (teaches μ)")
-    practice_per_problem: int = opt(0, "random lines of play per problem, loss on the results only (arithmetic practice)")
-    eval_every: int = opt(200, "steps between held-out evaluations while pretraining")
+    solutions_per_problem: int = opt(4, "solver solutions written out per training problem", 1)
+    cut_prob: float = opt(0.25, "share of base examples whose thinking is cut short before <|answer|> (teaches μ)", 0)
+    practice_per_problem: int = opt(0, "random lines of play per problem, loss on the results only (arithmetic "
+                                       "practice)", 0)
+    eval_every: int = opt(200, "steps between held-out evaluations while pretraining (0: never)", 0)
     # stage 2: backtracking warm-start
-    warm_problems: int = opt(1024, "training problems whose first attempts become warm-start traces")
-    warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step")
-    warm_steps: int = opt(300, "warm-start SFT steps")
+    warm_problems: int = opt(1024, "training problems whose first attempts become warm-start traces", 0)
+    warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step", 1)
+    warm_steps: int = opt(300, "warm-start SFT steps", 0)
     warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
     # stage 3: RL
-    rl_steps: int = opt(40, "REINFORCE steps per arm")
-    rl_prompts: int = opt(16, "problems per RL step")
-    rl_group: int = opt(8, "samples per problem (the group of the baseline)")
+    rl_steps: int = opt(40, "REINFORCE steps per arm", 0)
+    rl_prompts: int = opt(16, "problems per RL step", 1)
+    rl_group: int = opt(8, "samples per problem (the group of the baseline)", 1)
     rl_lr: float = opt(1e-4, "RL learning rate (constant)")
-    alpha: float = opt(1.0, "weight α of the progress bonus in the MRT reward")
-    mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})")
-    max_think: int = opt(64, "completion tokens the policy may write during RL")
-    rl_seeds: int = opt(3, "RL seeds (each runs both arms from the same warm start)")
+    alpha: float = opt(1.0, "weight α of the progress bonus in the MRT reward", 0)
+    mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})", 1)
+    max_think: int = opt(64, "completion tokens the policy may write during RL", 1)
+    rl_seeds: int = opt(3, "RL seeds (each runs both arms from the same warm start)", 1)
     # evaluation
-    eval_rollouts: int = opt(4, "meta-prover rollouts per prefix at evaluation")
-    max_episodes: int = opt(5, "episodes K of the J and regret curves")
-    budget_step: int = opt(8, "spacing of the token-budget grid of budget-forced accuracy")
+    eval_rollouts: int = opt(4, "meta-prover rollouts per prefix at evaluation", 1)
+    max_episodes: int = opt(5, "episodes K of the J and regret curves", 1)
+    budget_step: int = opt(8, "spacing of the token-budget grid of budget-forced accuracy", 1)
     # run
     seed: int = opt(0, "seed of data, initialisation and sampling")
     device: str = opt("auto", "auto, cpu, cuda or mps")
@@ -81,7 +82,7 @@ class Config:
     preset: str = opt("cpu", "cpu (default sizes), gpu (4 numbers, larger model) or smoke (tiny, seconds)")
     smoke: bool = opt(False, "same as --preset smoke")
     fresh: bool = opt(False, "ignore existing checkpoints in --out-dir and run every stage again")
-    snapshot_every: int = opt(50, "steps between mid-stage snapshots, from which an interrupted stage resumes")
+    snapshot_every: int = opt(50, "steps between a stage's checkpoints, from which an interrupted stage resumes", 1)
     explain: str = opt("", "only print one output stream episode by episode, with J and progress, from this stage's "
                            "checkpoint in --out-dir (base, warm, rl_outcome_seed0, rl_mrt_seed0, ...)")
     problem: str = opt("", "the problem for --explain, e.g. '3 7 9:20' (default: a random test problem)")
@@ -97,15 +98,19 @@ PRESETS = {
 }
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a Config field: n_numbers -> --n-numbers."""
+    return "--" + name.replace("_", "-")
+
+
 def parse_args(argv=None) -> Config:
     """Config from the command line: defaults, then the preset, then the flags given explicitly."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            parser.add_argument(flag(f.name), action="store_true", help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=f.type, default=None, metavar=f.type.__name__.upper(),
+            parser.add_argument(flag(f.name), type=f.type, default=None, metavar=f.type.__name__.upper(),
                                 help=f.metadata["help"] + (f" (default: {f.default})" if f.default != "" else ""))
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
     if args.get("preset", "cpu") not in PRESETS:
@@ -123,31 +128,28 @@ class UserError(Exception):
 
 def check_config(cfg: Config):
     """Raise UserError naming the first option that is out of range."""
-    def need(ok, message):
-        if not ok:
+    for f in fields(cfg):
+        low, value = f.metadata["low"], getattr(cfg, f.name)
+        if low is not None and value < low:
+            raise UserError(f"{flag(f.name)} must be >= {low}, got {value}")
+    problems = [
+        (min(cfg.lr, cfg.warm_lr, cfg.rl_lr) <= 0, "--lr, --warm-lr and --rl-lr must be > 0"),
+        (cfg.cut_prob > 1, f"--cut-prob must be in [0, 1], got {cfg.cut_prob}"),
+        (cfg.n_embd % cfg.n_head, f"--n-embd ({cfg.n_embd}) must be a multiple of --n-head ({cfg.n_head})"),
+        (cfg.task not in tasks.TASKS, f"--task must be one of {', '.join(tasks.TASKS)}, got {cfg.task!r}"),
+        (cfg.max_think + 40 > cfg.block_size, f"--max-think ({cfg.max_think}) must leave 40 tokens of --block-size "
+                                              f"({cfg.block_size}) for the prompt and the meta-prover's answer"),
+    ]
+    for bad, message in problems:
+        if bad:
             raise UserError(message)
-    for name in ("base_steps", "warm_steps", "rl_steps", "eval_every", "warm_problems", "practice_per_problem"):
-        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "rl_prompts", "rl_group", "mc_rollouts",
-                 "eval_rollouts", "n_test", "n_train", "rl_seeds", "budget_step", "warm_rollouts", "max_think",
-                 "solutions_per_problem", "max_episodes", "snapshot_every"):
-        need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    need(cfg.alpha >= 0, f"--alpha must be >= 0 (it weighs a bonus), got {cfg.alpha}")
-    need(min(cfg.lr, cfg.warm_lr, cfg.rl_lr) > 0, "--lr, --warm-lr and --rl-lr must be > 0")
-    need(0 <= cfg.cut_prob <= 1, f"--cut-prob must be in [0, 1], got {cfg.cut_prob}")
-    need(cfg.n_embd % cfg.n_head == 0, f"--n-embd ({cfg.n_embd}) must be a multiple of --n-head ({cfg.n_head})")
-    need(cfg.task in tasks.TASKS, f"--task must be one of {', '.join(tasks.TASKS)}, got {cfg.task!r}")
-    need(cfg.n_numbers >= 2 and cfg.max_number >= 1 and cfg.max_target >= 1,
-         "--n-numbers must be >= 2, --max-number and --max-target >= 1")
-    need(cfg.max_think + 40 <= cfg.block_size, f"--max-think ({cfg.max_think}) must leave 40 tokens of --block-size "
-                                               f"({cfg.block_size}) for the prompt and the meta-prover's answer")
 
 
 def pick_device(name: str) -> torch.device:
     """--device auto picks cuda, then mps, then cpu; a named device must exist here."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        name = next(d for d, ok in available.items() if ok)
     if name not in available:
         raise UserError(f"--device must be auto, cpu, cuda or mps, got {name!r}")
     if not available[name]:
@@ -200,19 +202,11 @@ def stage_config(cfg: Config, stage: str) -> dict:
     return {n: getattr(cfg, n) for n in names}
 
 
-def save_checkpoint(path: str, model: GPT, stage_cfg: dict, **extra):
-    """Write atomically: a crash mid-write leaves the previous file intact, never a truncated one."""
-    blob = {"model": model.state_dict(), "model_args": asdict(model.config), "stage_config": stage_cfg,
-            "tokenizer": {"alphabet": tasks.ALPHABET, "specials": tasks.SPECIALS}, **extra}
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def load_checkpoint(path: str, device) -> dict:
     """A checkpoint dict; a truncated or foreign file is a UserError naming it."""
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
-        assert isinstance(blob, dict) and {"model", "model_args", "stage_config"} <= blob.keys()
+        assert isinstance(blob, dict) and {"model", "model_args", "stage_config", "step"} <= blob.keys()
     except Exception as e:
         raise UserError(f"{path}: not a readable mrt checkpoint ({type(e).__name__}); delete it or pass --fresh") from None
     return blob
@@ -230,83 +224,44 @@ def load_model(path: str, device) -> GPT:
     return model_from(load_checkpoint(path, device), device)
 
 
-def finished_stage(cfg: Config, path: str, stage_cfg: dict, device):
-    """The model of a finished stage whose options match; None if it must (re)run."""
-    if cfg.fresh or not os.path.exists(path):
-        return None
-    blob = load_checkpoint(path, device)
-    if blob["stage_config"] != stage_cfg:
-        diff = sorted(k for k in stage_cfg if blob["stage_config"].get(k) != stage_cfg[k])
-        raise UserError(f"{path} was made with different options ({', '.join(diff)}); "
-                        f"pass --fresh to overwrite it or choose another --out-dir")
-    return model_from(blob, device)
+class Checkpoint:
+    """A stage's file <out-dir>/<stage>.pt, a plain dict as in nanoGPT: model, optimizer, random-number states, step,
+    and the options the stage depends on. Written every --snapshot-every steps and at the end: an interrupted stage
+    resumes where it stopped and then draws exactly what an uninterrupted run would have; a finished one is loaded."""
 
+    def __init__(self, path: str, stage_cfg: dict, steps: int, cfg: Config):
+        self.path, self.stage_cfg, self.steps = path, stage_cfg, steps
+        self.blob = None if cfg.fresh or not os.path.exists(path) else load_checkpoint(path, "cpu")
+        if self.blob and self.blob["stage_config"] != stage_cfg:
+            diff = sorted(k for k in stage_cfg if self.blob["stage_config"].get(k) != stage_cfg[k])
+            raise UserError(f"{path} was made with different options ({', '.join(diff)}); "
+                            f"pass --fresh to overwrite it or choose another --out-dir")
 
-class Snapshot:
-    """Mid-stage checkpoints: model, optimizer and random-number state every `every` steps, so that an interrupted
-    stage resumes where it stopped and then draws exactly what an uninterrupted run would have drawn."""
+    def finished(self) -> bool:
+        return self.blob is not None and self.blob["step"] == self.steps
 
-    def __init__(self, path: str, stage_cfg: dict, every: int, fresh: bool):
-        self.path, self.stage_cfg, self.every, self.fresh = path, stage_cfg, every, fresh
-
-    def restore(self, model, optimizer, rngs) -> int:
-        """Load the latest snapshot into model, optimizer and generators; returns the step to continue from."""
-        if self.fresh or not os.path.exists(self.path):
+    def resume(self, model, optimizer, rngs) -> int:
+        """Load the saved state into model, optimizer and generators; returns the step to continue from."""
+        if self.blob is None:
             return 0
-        blob = load_checkpoint(self.path, "cpu")
-        if blob["stage_config"] != self.stage_cfg:
-            print(f"{self.path}: made with other options, starting this stage over")
-            return 0
-        model.load_state_dict(blob["model"])
-        optimizer.load_state_dict(blob["optimizer"])
-        for rng, state in zip(rngs, blob["rngs"]):
+        model.load_state_dict(self.blob["model"])
+        optimizer.load_state_dict(self.blob["optimizer"])
+        for rng, state in zip(rngs, self.blob["rngs"]):
             rng.set_state(state) if isinstance(rng, torch.Generator) else rng.setstate(state)
-        print(f"{self.path}: resuming at step {blob['step']}")
-        return blob["step"]
+        print(f"{self.path}: resuming at step {self.blob['step']}")
+        return self.blob["step"]
 
     def save(self, step: int, model, optimizer, rngs):
-        if step % self.every == 0:
-            states = [r.get_state() if isinstance(r, torch.Generator) else r.getstate() for r in rngs]
-            save_checkpoint(self.path, model, self.stage_cfg, optimizer=optimizer.state_dict(), step=step, rngs=states)
-
-
-class Log:
-    """Training curves and stage timings, one JSON object per line in <out-dir>/log.jsonl."""
-
-    def __init__(self, path):
-        self.file = open(path, "a")
-
-    def __call__(self, **row):
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        """Write atomically: a crash mid-write leaves the previous file intact, never a truncated one."""
+        blob = {"model": model.state_dict(), "model_args": asdict(model.config), "stage_config": self.stage_cfg,
+                "step": step, "optimizer": optimizer.state_dict(),
+                "rngs": [r.get_state() if isinstance(r, torch.Generator) else r.getstate() for r in rngs],
+                "tokenizer": {"alphabet": tasks.ALPHABET, "specials": tasks.SPECIALS}}
+        torch.save(blob, self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
 
 
 # ----------------------------------------------------------------------------- supervised stages
-def base_examples(task, problems, cfg: Config, rng: random.Random) -> list:
-    """(problem, pieces) examples, pieces being (text, learn) pairs; the loss is on learn=True text only. Per problem:
-    `solutions_per_problem` solver solutions, one attempt then the answer, of which `cut_prob` cut the thinking short
-    before <|answer|> (this teaches μ to answer from partial thinking); and `practice_per_problem` random legal lines
-    of play with the loss on each step's result only (arithmetic practice, off by default).
-
-    Why practice: a solution's last result is always the target, so a model that learns results from solutions
-    alone learns to *bend* its last step onto the target (`9*7=39`), and a failed attempt looks like a success.
-    """
-    out = []
-    for p in problems:
-        solutions = task.solutions(task.start(p), p[1])
-        for steps in rng.sample(solutions, min(cfg.solutions_per_problem, len(solutions))):
-            if rng.random() < cfg.cut_prob:
-                cut = tasks.steps_text(steps[:rng.randrange(len(steps))]) + tasks.ANSWER
-                out.append((p, [(cut, False), (tasks.steps_text(steps) + tasks.EOS, True)]))
-            else:
-                out.append((p, [(tasks.steps_text(steps) + tasks.ANSWER + tasks.steps_text(steps) + tasks.EOS, True)]))
-        for _ in range(cfg.practice_per_problem):
-            moves_and_results = [step.split("=") for step in task.random_play(task.start(p), rng)]
-            out.append((p, [(piece, learn) for move, result in moves_and_results
-                            for piece, learn in ((move + "=", False), (result + "\n", True))]))
-    return out
-
-
 def sft_tensors(task, examples, block_size: int):
     """Inputs X and targets Y (N, T) from (problem, pieces) examples; Y is -1 (no loss) on the prompt, on pieces
     with learn=False and on the padding."""
@@ -350,10 +305,19 @@ def check_finite(loss, model, stage):
                                  f"lower the learning rate. Finished stages' checkpoints are intact.")
 
 
-def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, snapshot, evaluate=None):
+def optimizer_step(model, optimizer, loss, stage: str):
+    """Backpropagate, stop on a non-finite loss or gradient, clip the gradient norm to 1, update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    check_finite(loss, model, stage)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, checkpoint, evaluate=None):
     """Next-token cross-entropy on the targets, AdamW with warmup + cosine; a tqdm bar; optional periodic eval."""
     optimizer = make_optimizer(model, lr, weight_decay=0.1)
-    start = snapshot.restore(model, optimizer, [gen])
+    start = checkpoint.resume(model, optimizer, [gen])
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True)
     for step in bar:
         for group in optimizer.param_groups:
@@ -364,11 +328,7 @@ def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, snapshot, ev
         model.train()
         with autocast(device):
             _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        check_finite(loss, model, stage)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(model, optimizer, loss, stage)
         if step % 25 == 0 or step == steps - 1:  # .item() syncs: log every few steps only
             log(stage=stage, step=step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -376,7 +336,9 @@ def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, snapshot, ev
             acc = evaluate(model)
             log(stage=stage, step=step, test_accuracy=acc)
             bar.write(f"{stage} step {step + 1}: greedy test accuracy {acc:.3f}")
-        snapshot.save(step + 1, model, optimizer, [gen])
+        if (step + 1) % cfg.snapshot_every == 0 and step + 1 < steps:  # a point to resume from
+            checkpoint.save(step + 1, model, optimizer, [gen])
+    checkpoint.save(steps, model, optimizer, [gen])  # the finished stage
     return model
 
 
@@ -418,11 +380,7 @@ def rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device) -
     model.train()
     with autocast(device):
         loss = mrt.reinforce_loss(token_logprobs(model, idx, exclude=(tasks.PAD_ID,)), credit.to(device), mask.to(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    check_finite(loss, model, arm)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+    optimizer_step(model, optimizer, loss, arm)
     flat = [b for bs in bonuses for b in bs]
     return {"reward": rewards.mean().item(), "loss": loss.item(),
             "tokens": sum(len(mrt.split_completion(c)[0]) for c in completions) / len(completions),
@@ -430,12 +388,12 @@ def rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device) -
             "progress": sum(flat) / len(flat) if arm == "mrt" and flat else None}
 
 
-def train_rl(model, task, train, cfg, arm, seed, device, log, snapshot):
+def train_rl(model, task, train, cfg, arm, seed, device, log, checkpoint):
     """REINFORCE from the warm start. Both arms see the same problems in the same order (the data seed is shared)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
     data = random.Random(seed)
     gen, meta_gen = torch.Generator(device).manual_seed(seed), torch.Generator(device).manual_seed(seed + 10_007)
-    start = snapshot.restore(model, optimizer, [data, gen, meta_gen])
+    start = checkpoint.resume(model, optimizer, [data, gen, meta_gen])
     bar = tqdm(range(start, cfg.rl_steps), desc=f"rl {arm} seed {seed}", initial=start, total=cfg.rl_steps,
                dynamic_ncols=True)
     for step in bar:
@@ -443,7 +401,9 @@ def train_rl(model, task, train, cfg, arm, seed, device, log, snapshot):
         row = rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device)
         log(stage=f"rl_{arm}", seed=seed, step=step, **row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", episodes=f"{row['episodes']:.2f}")
-        snapshot.save(step + 1, model, optimizer, [data, gen, meta_gen])
+        if (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.rl_steps:  # a point to resume from
+            checkpoint.save(step + 1, model, optimizer, [data, gen, meta_gen])
+    checkpoint.save(cfg.rl_steps, model, optimizer, [data, gen, meta_gen])  # the finished stage
     return model
 
 
@@ -596,42 +556,40 @@ def run(cfg: Config) -> dict:
     check_config(cfg)
     device = pick_device(cfg.device)
     prepare_out_dir(cfg.out_dir)
-    log = Log(os.path.join(cfg.out_dir, "log.jsonl"))
+    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+    log = lambda **row: print(json.dumps(row), file=log_file, flush=True)  # training curves and stage timings
     task = make_task(cfg)
     train, test = tasks.make_split(task, cfg.n_train, cfg.n_test, cfg.seed)
     print(f"{task}: {len(train)} train / {len(test)} test problems, device {device}, out-dir {cfg.out_dir}")
     # Each stage has its own random streams, so a resumed run draws exactly what a fresh run would.
     rng = lambda stage: random.Random(f"{cfg.seed}-{stage}")
     torch_gen = lambda stage: torch.Generator().manual_seed(rng(stage).getrandbits(63))
-    path = lambda name: os.path.join(cfg.out_dir, f"{name}.pt")
+    examples = lambda problems, r: tasks.base_examples(task, problems, cfg.solutions_per_problem, cfg.cut_prob,
+                                                       cfg.practice_per_problem, r)
     timings = {}
 
-    def stage(name, key, build):
-        model = finished_stage(cfg, path(name), key, device)
-        if model is not None:
-            print(f"{name}: finished earlier, loaded {path(name)}")
-            return model
+    def stage(name, key, steps, train_stage):
+        """The model of a finished stage, loaded; otherwise train it (from where it stopped, if it was interrupted)."""
+        checkpoint = Checkpoint(os.path.join(cfg.out_dir, f"{name}.pt"), key, steps, cfg)
+        if checkpoint.finished():
+            print(f"{name}: finished earlier, loaded {checkpoint.path}")
+            return model_from(checkpoint.blob, device)
         start = time.time()
-        snapshot = Snapshot(path(name) + ".partial", key, cfg.snapshot_every, cfg.fresh)
-        model = build(snapshot)
-        steps = {"base": cfg.base_steps, "warm": cfg.warm_steps}.get(name, cfg.rl_steps)
-        save_checkpoint(path(name), model, key, stage=name, step=steps, seed=cfg.seed)
-        if os.path.exists(snapshot.path):  # the stage is finished: its resume point is no longer needed
-            os.remove(snapshot.path)
+        model = train_stage(checkpoint)
         timings[name] = time.time() - start
         log(stage=name, seconds=timings[name])
         return model
 
-    def build_base(snapshot):
+    def train_base(checkpoint):
         torch.manual_seed(cfg.seed)
         model = new_model(cfg, device)
         print(f"model: {model.num_params() / 1e6:.2f}M parameters")
-        X, Y = sft_tensors(task, base_examples(task, train, cfg, rng("base")), cfg.block_size)
+        X, Y = sft_tensors(task, examples(train, rng("base")), cfg.block_size)
         evaluate_now = lambda m: greedy_accuracy(m, task, test, cfg)
-        return train_sft(model, X, Y, cfg.base_steps, cfg.lr, cfg, device, torch_gen("base"), "base", log, snapshot,
+        return train_sft(model, X, Y, cfg.base_steps, cfg.lr, cfg, device, torch_gen("base"), "base", log, checkpoint,
                          evaluate_now)
 
-    def build_warm(snapshot):
+    def train_warm(checkpoint):
         r = rng("warm")
         base.eval()
         with autocast(device):
@@ -640,20 +598,21 @@ def run(cfg: Config) -> dict:
         backtracks = sum(t.keep is not None for t in traces)
         print(f"warm-start: {len(traces)} traces, {backtracks} backtrack after a failed first attempt")
         log(stage="warm", traces=len(traces), backtrack_traces=backtracks)
-        examples = [(t.problem, t.pieces()) for t in traces]
-        replay = base_examples(task, r.sample(train, min(len(train), max(1, len(examples) // cfg.solutions_per_problem))), cfg, r)
-        X, Y = sft_tensors(task, examples + replay, cfg.block_size)  # replay keeps the base skills (and μ) sharp
-        return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, torch_gen("warm"), "warm-start",
-                         log, snapshot)
+        # Replay base examples too (one problem's worth per `solutions_per_problem` traces): keeps the skills and μ.
+        replay = examples(r.sample(train, min(len(train), max(1, len(traces) // cfg.solutions_per_problem))), r)
+        X, Y = sft_tensors(task, [(t.problem, t.pieces()) for t in traces] + replay, cfg.block_size)
+        return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, torch_gen("warm"),
+                         "warm-start", log, checkpoint)
 
-    base = stage("base", stage_config(cfg, "base"), build_base)
-    warm = stage("warm", stage_config(cfg, "warm"), build_warm)
+    base = stage("base", stage_config(cfg, "base"), cfg.base_steps, train_base)
+    warm = stage("warm", stage_config(cfg, "warm"), cfg.warm_steps, train_warm)
     models = {"base": [base], "warm": [warm], "outcome": [], "mrt": []}
     for seed in range(cfg.seed, cfg.seed + cfg.rl_seeds):
         for arm in ("outcome", "mrt"):
             key = {**stage_config(cfg, arm), "rl_seed": seed}
-            build = lambda snapshot: train_rl(copy.deepcopy(warm), task, train, cfg, arm, seed, device, log, snapshot)
-            models[arm].append(stage(f"rl_{arm}_seed{seed}", key, build))
+            train_arm = lambda checkpoint: train_rl(copy.deepcopy(warm), task, train, cfg, arm, seed, device, log,
+                                                    checkpoint)
+            models[arm].append(stage(f"rl_{arm}_seed{seed}", key, cfg.rl_steps, train_arm))
 
     evals = {}
     for name, group in models.items():
