@@ -132,7 +132,7 @@ def check_config(cfg: Config):
         low, value = f.metadata["low"], getattr(cfg, f.name)
         if low is not None and value < low:
             raise UserError(f"{flag(f.name)} must be >= {low}, got {value}")
-    problems = [
+    rules = [  # (broken, what to say)
         (min(cfg.lr, cfg.warm_lr, cfg.rl_lr) <= 0, "--lr, --warm-lr and --rl-lr must be > 0"),
         (cfg.cut_prob > 1, f"--cut-prob must be in [0, 1], got {cfg.cut_prob}"),
         (cfg.n_embd % cfg.n_head, f"--n-embd ({cfg.n_embd}) must be a multiple of --n-head ({cfg.n_head})"),
@@ -140,8 +140,8 @@ def check_config(cfg: Config):
         (cfg.max_think + 40 > cfg.block_size, f"--max-think ({cfg.max_think}) must leave 40 tokens of --block-size "
                                               f"({cfg.block_size}) for the prompt and the meta-prover's answer"),
     ]
-    for bad, message in problems:
-        if bad:
+    for broken, message in rules:
+        if broken:
             raise UserError(message)
 
 
