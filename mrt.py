@@ -94,19 +94,12 @@ def episode_values(meta_prover, problems, prompts, episode_lists, n_rollouts, ma
 
     Past the end of a stream its value stays at the full stream's value (the model stopped thinking).
     """
-    rows, flat_p, flat_c = [], [], []
-    for p, prompt, eps in zip(problems, prompts, episode_lists):
-        k = len(eps) if max_episodes is None else max_episodes
-        rows.append(k + 1)
-        for j in range(k + 1):
-            flat_p.append(p)
-            flat_c.append(forced_answer_context(prompt, eps, min(j, len(eps))))
-    flat = estimate_success(meta_prover, flat_p, flat_c, n_rollouts)
-    out, i = [], 0
-    for n in rows:
-        out.append(flat[i:i + n])
-        i += n
-    return out
+    lengths = [len(eps) if max_episodes is None else max_episodes for eps in episode_lists]  # k per stream
+    flat_p = [p for p, k in zip(problems, lengths) for _ in range(k + 1)]
+    flat_c = [forced_answer_context(prompt, eps, min(j, len(eps)))
+              for prompt, eps, k in zip(prompts, episode_lists, lengths) for j in range(k + 1)]
+    flat = iter(estimate_success(meta_prover, flat_p, flat_c, n_rollouts))
+    return [[next(flat) for _ in range(k + 1)] for k in lengths]
 
 
 # ----------------------------------------------------------------------------- progress and regret

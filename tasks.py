@@ -238,7 +238,6 @@ class Parsed:
     attempts: list
     backtracks: list  # the step count each <|backtrack|> keeps (None where malformed)
     answer: list | None  # the answer's lines, or None if there is no complete answer
-    thinking: str
 
 
 def parse_output(text: str) -> Parsed:
@@ -253,7 +252,7 @@ def parse_output(text: str) -> Parsed:
         kept = attempts[-1][:keep] if keep is not None else []
         attempts.append(kept + _lines(body))
     complete = has_answer and answer.endswith(EOS) and answer.count(EOS) == 1
-    return Parsed(attempts, backtracks, _lines(answer[: -len(EOS)]) if complete else None, thinking)
+    return Parsed(attempts, backtracks, _lines(answer[: -len(EOS)]) if complete else None)
 
 
 def _lines(text: str) -> list[str]:
