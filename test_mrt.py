@@ -328,7 +328,7 @@ def test_interrupted_run_resumes_from_finished_stages(smoke_run, tmp_path, capsy
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(results)
 
 
-def test_a_stage_interrupted_midway_resumes_from_its_snapshot(smoke_run, tmp_path, monkeypatch, capsys):
+def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, tmp_path, monkeypatch, capsys):
     calls, real = [], train.check_finite
 
     def interrupt_at_step_12(loss, model, stage):  # check_finite runs once per training step
