@@ -211,7 +211,8 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
             traces.append(tasks.Trace(p, attempt))
         else:
             failed[i] = attempt
-    jobs = [(i, k) for i, att in failed.items() for k in tasks.restart_steps(task, problems[i], att) for _ in range(n_rollouts)]
+    jobs = [(i, k) for i, att in failed.items() for k in tasks.restart_steps(task, problems[i], att)
+            for _ in range(n_rollouts)]
     kept_text = lambda i, k: tasks.steps_text(failed[i][:k])
     conts = complete(model, [prompts[i] + tasks.encode(kept_text(i, k)) for i, k in jobs], max_new_tokens,
                      generator)[0] if jobs else []

@@ -271,7 +271,10 @@ def run_steps(task, problem, lines):
 
 def valid_prefix(task, problem, lines) -> int:
     """How many leading steps of `lines` are legal moves."""
-    return next((k for k in range(len(lines)) if run_steps(task, problem, lines[:k + 1]) is None), len(lines))
+    state, k = task.start(problem), 0
+    while k < len(lines) and (state := task.apply(state, lines[k])) is not None:
+        k += 1
+    return k
 
 
 def is_correct(task, problem, lines) -> bool:

@@ -238,6 +238,7 @@ class Checkpoint:
                             f"pass --fresh to overwrite it or choose another --out-dir")
 
     def finished(self) -> bool:
+        """Whether the file holds the stage's last step."""
         return self.blob is not None and self.blob["step"] == self.steps
 
     def resume(self, model, optimizer, rngs) -> int:
