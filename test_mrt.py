@@ -371,6 +371,15 @@ def test_checkpoint_from_other_options_is_refused(smoke_run, tmp_path, capsys):
     assert "base_steps" in err and "--fresh" in err and "Traceback" not in err
 
 
+def test_a_half_finished_stage_from_other_options_is_refused_too(tmp_path):
+    cfg, model = train.Config(), tiny_model()
+    optimizer = train.make_optimizer(model, 1e-3, 0.1)
+    train.Checkpoint(str(tmp_path / "base.pt"), {"lr": 1e-3}, 30, cfg).save(10, model, optimizer, [random.Random(0)])
+    assert not train.Checkpoint(str(tmp_path / "base.pt"), {"lr": 1e-3}, 30, cfg).finished()  # step 10 of 30
+    with pytest.raises(train.UserError, match="lr"):
+        train.Checkpoint(str(tmp_path / "base.pt"), {"lr": 3e-3}, 30, cfg)
+
+
 def test_truncated_checkpoint_is_a_clear_error(smoke_run, tmp_path, capsys):
     (tmp_path / "base.pt").write_bytes((smoke_run[0] / "base.pt").read_bytes()[:1000])
     with pytest.raises(SystemExit):
