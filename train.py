@@ -230,7 +230,7 @@ class Checkpoint:
     resumes where it stopped and then draws exactly what an uninterrupted run would have; a finished one is loaded."""
 
     def __init__(self, path: str, stage_cfg: dict, steps: int, cfg: Config):
-        self.path, self.stage_cfg, self.steps = path, stage_cfg, steps
+        self.path, self.stage_cfg, self.steps, self.every = path, stage_cfg, steps, cfg.snapshot_every
         self.blob = None if cfg.fresh or not os.path.exists(path) else load_checkpoint(path, "cpu")
         if self.blob and self.blob["stage_config"] != stage_cfg:
             diff = sorted(k for k in stage_cfg if self.blob["stage_config"].get(k) != stage_cfg[k])
@@ -251,6 +251,11 @@ class Checkpoint:
             rng.set_state(state) if isinstance(rng, torch.Generator) else rng.setstate(state)
         print(f"{self.path}: resuming at step {self.blob['step']}")
         return self.blob["step"]
+
+    def step_done(self, step: int, model, optimizer, rngs):
+        """After `step` steps: every `every` steps, a point to resume from (the last step is saved by `save`)."""
+        if step % self.every == 0 and step < self.steps:
+            self.save(step, model, optimizer, rngs)
 
     def save(self, step: int, model, optimizer, rngs):
         """Write atomically: a crash mid-write leaves the previous file intact, never a truncated one."""
@@ -337,8 +342,7 @@ def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, checkpoint, 
             acc = evaluate(model)
             log(stage=stage, step=step, test_accuracy=acc)
             bar.write(f"{stage} step {step + 1}: greedy test accuracy {acc:.3f}")
-        if (step + 1) % cfg.snapshot_every == 0 and step + 1 < steps:  # a point to resume from
-            checkpoint.save(step + 1, model, optimizer, [gen])
+        checkpoint.step_done(step + 1, model, optimizer, [gen])
     checkpoint.save(steps, model, optimizer, [gen])  # the finished stage
     return model
 
@@ -402,8 +406,7 @@ def train_rl(model, task, train, cfg, arm, seed, device, log, checkpoint):
         row = rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device)
         log(stage=f"rl_{arm}", seed=seed, step=step, **row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", episodes=f"{row['episodes']:.2f}")
-        if (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.rl_steps:  # a point to resume from
-            checkpoint.save(step + 1, model, optimizer, [data, gen, meta_gen])
+        checkpoint.step_done(step + 1, model, optimizer, [data, gen, meta_gen])
     checkpoint.save(cfg.rl_steps, model, optimizer, [data, gen, meta_gen])  # the finished stage
     return model
 
