@@ -153,7 +153,8 @@ def main():
     print(f"{'sampling, KV cache':<34}{s['kv_cache_tokens_per_s']:>10.0f} tok/s")
     print(f"{'sampling, recompute prefix':<34}{s['recompute_tokens_per_s']:>10.0f} tok/s   speed-up "
           f"{s['speedup']:.1f}x, identical outputs: {s['identical_outputs']}")
-    print(f"{'RL step outcome / MRT':<34}{r['outcome_step_s']:>10.2f} s / {r['mrt_step_s']:.2f} s   ratio {r['ratio']:.2f}x")
+    print(f"{'RL step outcome / MRT':<34}{r['outcome_step_s']:>10.2f} s / {r['mrt_step_s']:.2f} s   "
+          f"ratio {r['ratio']:.2f}x")
     for stage, secs in results["pipeline_s"].items():
         print(f"{'pipeline: ' + stage:<34}{secs:>10.1f} s")
 

@@ -182,7 +182,8 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
                        padding_value=pad_id, padding_side="left")
     L = idx.size(1)
     if L + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds block_size {model.config.block_size}")
+        raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"block_size {model.config.block_size}")
     valid = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=device)  # which keys are real tokens
     valid[:, :L] = idx != pad_id
     positions = (valid[:, :L].cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens from 0

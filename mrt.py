@@ -2,7 +2,8 @@
 
 Notation (the paper's):  x a problem,  z = [z_0, z_1, ..., z_{k-1}] the thinking stream cut into episodes,
 μ the meta-prover (the same model, forced to stop thinking and answer),  J(μ | x, z_{0:j}) its success rate after
-episodes 0..j,  J(π*) a comparator's success rate,  r(x, z) the 0/1 outcome reward,  α the weight of the progress bonus.
+episodes 0..j,  J(π*) a comparator's success rate,  r(x, z) the 0/1 outcome reward,
+α the weight of the progress bonus.
 """
 from dataclasses import dataclass
 

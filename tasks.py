@@ -139,7 +139,7 @@ class NumberTask:
         return any(self.can_reach(self.apply(state, m), target) for m in self.moves(state))
 
     def key(self, problem) -> tuple:
-        """Identity of a problem (used to dedupe and to split): up to the order of the numbers where it does not matter."""
+        """Identity of a problem (to dedupe and to split): up to the order of the numbers where it does not matter."""
         return self.arrange(problem[0]), problem[1]
 
     def random_problem(self, rng: random.Random):

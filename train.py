@@ -185,10 +185,10 @@ def new_model(cfg: Config, device) -> GPT:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-TASK_MODEL = ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
-              "block_size", "seed"]
-STAGE_FIELDS = {
-    "base": TASK_MODEL + ["base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob", "practice_per_problem"],
+STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
+    "base": ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
+             "block_size", "seed", "base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob",
+             "practice_per_problem"],
     "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr"],
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr", "max_think"],
     "mrt": ["alpha", "mc_rollouts"],
@@ -208,7 +208,8 @@ def load_checkpoint(path: str, device) -> dict:
         blob = torch.load(path, map_location=device, weights_only=True)
         assert isinstance(blob, dict) and {"model", "model_args", "stage_config", "step"} <= blob.keys()
     except Exception as e:
-        raise UserError(f"{path}: not a readable mrt checkpoint ({type(e).__name__}); delete it or pass --fresh") from None
+        raise UserError(f"{path}: not a readable mrt checkpoint ({type(e).__name__}); "
+                        f"delete it or pass --fresh") from None
     return blob
 
 
@@ -364,7 +365,8 @@ def rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device) -
     model.eval()
     with autocast(device):
         prompts, completions, _ = mrt.sample_completions(model, task, problems, cfg.max_think, gen)
-    rewards = torch.tensor([tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)], dtype=torch.float)
+    rewards = torch.tensor([tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)],
+                           dtype=torch.float)
     advantages = mrt.group_advantages(rewards.view(cfg.rl_prompts, cfg.rl_group)).flatten()
     episodes = [mrt.split_episodes(mrt.split_completion(c)[0]) for c in completions]
     bonuses = [[0.0] * len(e) for e in episodes]
@@ -379,12 +381,14 @@ def rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device) -
     credit = torch.zeros(idx.shape[0], idx.shape[1] - 1)
     mask = torch.zeros_like(credit)
     for i, (p, c) in enumerate(zip(prompts, completions)):
+        span = slice(len(p) - 1, len(p) - 1 + len(c))  # the positions whose next token is one of the completion's
         lengths = [len(e) for e in episodes[i]]
-        credit[i, len(p) - 1:len(p) - 1 + len(c)] = mrt.token_advantages(advantages[i], lengths, bonuses[i], cfg.alpha, len(c))
-        mask[i, len(p) - 1:len(p) - 1 + len(c)] = 1
+        credit[i, span] = mrt.token_advantages(advantages[i], lengths, bonuses[i], cfg.alpha, len(c))
+        mask[i, span] = 1
     model.train()
     with autocast(device):
-        loss = mrt.reinforce_loss(token_logprobs(model, idx, exclude=(tasks.PAD_ID,)), credit.to(device), mask.to(device))
+        logprobs = token_logprobs(model, idx, exclude=(tasks.PAD_ID,))
+        loss = mrt.reinforce_loss(logprobs, credit.to(device), mask.to(device))
     optimizer_step(model, optimizer, loss, arm)
     flat = [b for bs in bonuses for b in bs]
     return {"reward": rewards.mean().item(), "loss": loss.item(),
@@ -594,11 +598,11 @@ def run(cfg: Config) -> dict:
                          evaluate_now)
 
     def train_warm(checkpoint):
-        r = rng("warm")
+        r, gen = rng("warm"), torch.Generator(device).manual_seed(cfg.seed)
         base.eval()
         with autocast(device):
             traces = mrt.build_traces(base, task, r.sample(train, min(cfg.warm_problems, len(train))),
-                                      cfg.warm_rollouts, cfg.max_think, torch.Generator(device).manual_seed(cfg.seed), r)
+                                      cfg.warm_rollouts, cfg.max_think, gen, r)
         backtracks = sum(t.keep is not None for t in traces)
         print(f"warm-start: {len(traces)} traces, {backtracks} backtrack after a failed first attempt")
         log(stage="warm", traces=len(traces), backtrack_traces=backtracks)
@@ -654,7 +658,8 @@ def explain(cfg: Config, rollouts: int = 32):
         raise UserError(f"--problem: {e}") from None
     gen = torch.Generator(device).manual_seed(cfg.seed)
     meta = mrt.MetaProver(model, task, generator=gen)
-    prompts, completions, _ = mrt.sample_completions(model, task, [problem], thinking_room(cfg, task, [problem], meta), gen)
+    longest = thinking_room(cfg, task, [problem], meta)
+    prompts, completions, _ = mrt.sample_completions(model, task, [problem], longest, gen)
     thinking, answer = mrt.split_completion(completions[0])
     episodes = mrt.split_episodes(thinking)
     values = mrt.episode_values(meta, [problem], prompts, [episodes], rollouts)[0]
