@@ -169,9 +169,10 @@ def padded_causal_mask(valid):
 
 @torch.no_grad()
 def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_id: int, temperature=1.0,
-             top_k=None, forbid=(), generator=None, use_cache=True) -> Generation:
-    """Sample a completion for every prompt (lists of ids) at once, stopping each row at `stop_id`.
+             top_k=None, forbid=(), generator=None, use_cache=True, samples=1) -> Generation:
+    """Sample `samples` completions of every prompt (lists of ids) at once, stopping each row at `stop_id`.
 
+    Rows come prompt by prompt: the samples of prompt i are rows i*samples .. (i+1)*samples - 1.
     `pad_id` is never drawn (it only fills rows that have stopped), nor is any id in `forbid`.
     With the KV cache the prompts are run once (prefill) and then one token per step for the whole batch;
     `use_cache=False` recomputes the whole prefix every step (same results, only there to measure and test against).
@@ -189,6 +190,11 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
     positions = (valid[:, :L].cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens from 0
     cache = KVCache(model.config, B, L + max_new_tokens, device, model.wte.weight.dtype) if use_cache else None
     logits = model(idx, positions=positions, mask=padded_causal_mask(valid[:, :L]), cache=cache)[:, -1]
+    if samples > 1:  # each prompt was run once; its samples start from copies of its row
+        logits, idx, valid, positions = (t.repeat_interleave(samples, 0) for t in (logits, idx, valid, positions))
+        if use_cache:
+            cache.k, cache.v = cache.k.repeat_interleave(samples, 1), cache.v.repeat_interleave(samples, 1)
+        B *= samples
     seq, pos = idx, positions
     tokens, logprobs = [], []
     finished = torch.zeros(B, dtype=torch.bool, device=device)

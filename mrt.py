@@ -48,7 +48,10 @@ def forced_answer_context(prompt: list[int], episodes: list[list[int]], j: int) 
 
 @dataclass
 class MetaProver:
-    """μ: continue a context that ends in <|answer|> with <|backtrack|> forbidden, and verify the answer (0/1)."""
+    """μ: continue a context that ends in <|answer|> with <|backtrack|> forbidden, and verify the answer (0/1).
+
+    Called with problems, contexts and a number of rollouts n: the 0/1 rewards of n answers per context, in order.
+    """
     model: torch.nn.Module
     task: object
     max_answer_tokens: int = 24
@@ -56,16 +59,17 @@ class MetaProver:
     generator: torch.Generator | None = None
     chunk: int = 1024  # rows per generate() call: bounds the KV cache's memory
 
-    def __call__(self, problems: list, contexts: list[list[int]]) -> list[int]:
-        rewards = []
-        for i in range(0, len(contexts), self.chunk):
-            ctx = contexts[i:i + self.chunk]
+    def __call__(self, problems: list, contexts: list[list[int]], n_rollouts: int = 1) -> list[int]:
+        rewards, per_call = [], max(1, self.chunk // n_rollouts)
+        for i in range(0, len(contexts), per_call):
+            ctx = contexts[i:i + per_call]
             room = self.model.config.block_size - max(map(len, ctx))
             if room < 1:
                 raise ValueError(f"a context of {max(map(len, ctx))} tokens leaves μ no room to answer")
             gen = generate(self.model, ctx, min(self.max_answer_tokens, room), tasks.EOS_ID, tasks.PAD_ID,
-                           self.temperature, forbid=(tasks.BACKTRACK_ID,), generator=self.generator)
-            rewards += score_answers(self.task, problems[i:i + self.chunk], gen.tokens.tolist())
+                           self.temperature, forbid=(tasks.BACKTRACK_ID,), generator=self.generator, samples=n_rollouts)
+            rows = [p for p in problems[i:i + per_call] for _ in range(n_rollouts)]
+            rewards += score_answers(self.task, rows, gen.tokens.tolist())
         return rewards
 
 
@@ -84,8 +88,7 @@ def estimate_success(meta_prover, problems: list, contexts: list[list[int]], n_r
     for p, c in zip(problems, contexts):
         unique.setdefault((p, tuple(c)), (p, c))
     pairs = list(unique.values())
-    rewards = meta_prover([p for p, _ in pairs for _ in range(n_rollouts)],
-                          [c for _, c in pairs for _ in range(n_rollouts)])
+    rewards = meta_prover([p for p, _ in pairs], [c for _, c in pairs], n_rollouts)
     value = {k: sum(rewards[i * n_rollouts:(i + 1) * n_rollouts]) / n_rollouts for i, k in enumerate(unique)}
     return [value[(p, tuple(c))] for p, c in zip(problems, contexts)]
 
@@ -157,18 +160,19 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
 
 
 # ----------------------------------------------------------------------------- sampling and budget forcing
-def complete(model, contexts: list[list[int]], max_new_tokens: int, generator=None, temperature=1.0):
-    """Sample a continuation of every context at once; returns (token lists without pads, the Generation)."""
+def complete(model, contexts: list[list[int]], max_new_tokens: int, generator=None, temperature=1.0, samples=1):
+    """Sample `samples` continuations of every context at once (consecutive per context); returns (token lists
+    without pads, the Generation)."""
     room = model.config.block_size - max(map(len, contexts))
     gen = generate(model, contexts, min(max_new_tokens, room), tasks.EOS_ID, tasks.PAD_ID, temperature,
-                   generator=generator)
+                   generator=generator, samples=samples)
     return [[t for t in row if t != tasks.PAD_ID] for row in gen.tokens.tolist()], gen
 
 
-def sample_completions(model, task, problems, max_new_tokens: int, generator=None, temperature=1.0):
-    """Prompts (token lists), one sampled completion per problem, and the Generation (for its log-probs)."""
+def sample_completions(model, task, problems, max_new_tokens: int, generator=None, temperature=1.0, samples=1):
+    """Prompts (token lists), `samples` sampled completions per problem, and the Generation (for its log-probs)."""
     prompts = [tasks.encode(task.prompt(p)) for p in problems]
-    return (prompts, *complete(model, prompts, max_new_tokens, generator, temperature))
+    return (prompts, *complete(model, prompts, max_new_tokens, generator, temperature, samples))
 
 
 def budget_cut(thinking: list[int], budget: int) -> list[int]:
@@ -212,13 +216,12 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
             traces.append(tasks.Trace(p, attempt))
         else:
             failed[i] = attempt
-    jobs = [(i, k) for i, att in failed.items() for k in tasks.restart_steps(task, problems[i], att)
-            for _ in range(n_rollouts)]
+    jobs = [(i, k) for i, att in failed.items() for k in tasks.restart_steps(task, problems[i], att)]
     kept_text = lambda i, k: tasks.steps_text(failed[i][:k])
     conts = complete(model, [prompts[i] + tasks.encode(kept_text(i, k)) for i, k in jobs], max_new_tokens,
-                     generator)[0] if jobs else []
+                     generator, samples=n_rollouts)[0] if jobs else []
     rates, rollouts = {}, {}
-    for (i, k), cont in zip(jobs, conts):
+    for (i, k), cont in zip([job for job in jobs for _ in range(n_rollouts)], conts):
         text = kept_text(i, k) + tasks.decode(cont)
         ok = tasks.verify(task, problems[i], text)
         rates.setdefault(i, {}).setdefault(k, 0.0)

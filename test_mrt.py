@@ -143,6 +143,18 @@ def test_kv_cache_gives_the_same_tokens_and_logprobs_as_recomputation():
     assert torch.allclose(cached.logprobs, recomputed.logprobs, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_several_samples_per_prompt_draw_what_repeated_prompts_would(use_cache):
+    model = tiny_model()
+    prompts = [encode(TASK.prompt(PROBLEM)), [tasks.BOS_ID], encode(TASK.prompt(((1, 2, 10), 30)) + "10+2=12\n")]
+    kw = dict(max_new_tokens=20, stop_id=tasks.EOS_ID, pad_id=tasks.PAD_ID, use_cache=use_cache)
+    shared = generate(model, prompts, samples=3, generator=torch.Generator().manual_seed(0), **kw)
+    repeated = generate(model, [p for p in prompts for _ in range(3)], generator=torch.Generator().manual_seed(0), **kw)
+    assert shared.tokens.shape[0] == 9 and torch.equal(shared.tokens, repeated.tokens)
+    assert torch.allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
+    assert len(set(map(tuple, shared.tokens[:3].tolist()))) > 1  # the samples of one prompt differ
+
+
 def test_padding_does_not_change_a_row_and_logprobs_match_a_plain_forward():
     model = tiny_model()
     prompts = [encode(TASK.prompt(PROBLEM)), [tasks.BOS_ID], encode(TASK.prompt(((10, 10, 10), 100)) + "10*10=100\n")]
@@ -224,13 +236,13 @@ def test_monte_carlo_estimate_of_J_matches_a_known_success_rate():
     rng = random.Random(0)
     calls = []
 
-    def fake_meta_prover(problems, contexts):  # succeeds with probability 0.3 after context A, 0.8 after B
-        calls.append(len(contexts))
-        return [int(rng.random() < (0.3 if c[0] == 1 else 0.8)) for c in contexts]
+    def fake_meta_prover(problems, contexts, n):  # succeeds with probability 0.3 after context A, 0.8 after B
+        calls.append((len(contexts), n))
+        return [int(rng.random() < (0.3 if c[0] == 1 else 0.8)) for c in contexts for _ in range(n)]
 
     est = mrt.estimate_success(fake_meta_prover, ["p", "p", "q"], [[1], [1], [2]], n_rollouts=4000)
     assert est[0] == est[1] and est[0] == pytest.approx(0.3, abs=0.03) and est[2] == pytest.approx(0.8, abs=0.03)
-    assert calls == [8000]  # one batch; the repeated (problem, context) pair was estimated once
+    assert calls == [(2, 4000)]  # one batch; the repeated (problem, context) pair was estimated once
 
 
 def test_forced_answers_are_scored_with_their_padding_ignored():

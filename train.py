@@ -469,8 +469,7 @@ def parallel_comparator(model, task, problems, cfg, device, n_max: int = 8) -> d
     model.eval()
     gen = torch.Generator(device).manual_seed(cfg.seed + 54321)
     with autocast(device):
-        _, completions, _ = mrt.sample_completions(model, task, [p for p in problems for _ in range(n_max)],
-                                                   cfg.max_think, gen)
+        _, completions, _ = mrt.sample_completions(model, task, problems, cfg.max_think, gen, samples=n_max)
     answers = [tuple(tasks.parse_output(tasks.decode(c)).answer or ()) for c in completions]
     think = sum(len(mrt.split_completion(c)[0]) for c in completions) / len(completions)
     accuracy = []
