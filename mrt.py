@@ -82,7 +82,8 @@ def score_answers(task, problems, answers: list[list[int]]) -> list[int]:
 def estimate_success(meta_prover, problems: list, contexts: list[list[int]], n_rollouts: int) -> list[float]:
     """Monte Carlo J(μ | x, z_{0:j}) ≈ (1/n) Σ_i r(x, μ-rollout_i) for every (problem, context) pair.
 
-    Identical pairs are estimated once, and all rollouts of all contexts go to μ as one batch.
+    Identical pairs are estimated once, and all rollouts of all contexts go to μ as one batch (the n rollouts of one
+    context share its prefill in the KV cache).
     """
     unique = {}
     for p, c in zip(problems, contexts):
