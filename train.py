@@ -58,7 +58,8 @@ class Config:
                                        "practice)", 0)
     eval_every: int = opt(200, "steps between held-out evaluations while pretraining (0: never)", 0)
     # stage 2: backtracking warm-start
-    warm_problems: int = opt(1024, "training problems whose first attempts become warm-start traces", 0)
+    warm_problems: int = opt(100_000, "training problems whose first attempts become warm-start traces (capped by "
+                                      "the training set: on fewer, the warm-start overfits them)", 0)
     warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step", 1)
     warm_steps: int = opt(300, "warm-start SFT steps", 0)
     warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
