@@ -162,18 +162,17 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
 
 # ----------------------------------------------------------------------------- sampling and budget forcing
 def complete(model, contexts: list[list[int]], max_new_tokens: int, generator=None, temperature=1.0, samples=1):
-    """Sample `samples` continuations of every context at once (consecutive per context); returns (token lists
-    without pads, the Generation)."""
+    """`samples` sampled continuations of every context, all at once (consecutive per context), without pads."""
     room = model.config.block_size - max(map(len, contexts))
     gen = generate(model, contexts, min(max_new_tokens, room), tasks.EOS_ID, tasks.PAD_ID, temperature,
                    generator=generator, samples=samples)
-    return [[t for t in row if t != tasks.PAD_ID] for row in gen.tokens.tolist()], gen
+    return [[t for t in row if t != tasks.PAD_ID] for row in gen.tokens.tolist()]
 
 
 def sample_completions(model, task, problems, max_new_tokens: int, generator=None, temperature=1.0, samples=1):
-    """Prompts (token lists), `samples` sampled completions per problem, and the Generation (for its log-probs)."""
+    """Prompts (token lists) and `samples` sampled completions per problem."""
     prompts = [tasks.encode(task.prompt(p)) for p in problems]
-    return (prompts, *complete(model, prompts, max_new_tokens, generator, temperature, samples))
+    return prompts, complete(model, prompts, max_new_tokens, generator, temperature, samples)
 
 
 def budget_cut(thinking: list[int], budget: int) -> list[int]:
@@ -209,7 +208,7 @@ def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, 
 def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, generator, rng) -> list[tasks.Trace]:
     """The paper's warm-start recipe: sample z_0 from the base model; for a failed one, estimate by Monte Carlo the
     success rate of restarting from each of its steps, and write the trace that backtracks to the best one."""
-    prompts, firsts, _ = sample_completions(model, task, problems, max_new_tokens, generator)
+    prompts, firsts = sample_completions(model, task, problems, max_new_tokens, generator)
     traces, failed = [], {}
     for i, (p, comp) in enumerate(zip(problems, firsts)):
         attempt = tasks.parse_output(tasks.decode(comp)).attempts[0]
@@ -220,7 +219,7 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
     jobs = [(i, k) for i, att in failed.items() for k in tasks.restart_steps(task, problems[i], att)]
     kept_text = lambda i, k: tasks.steps_text(failed[i][:k])
     conts = complete(model, [prompts[i] + tasks.encode(kept_text(i, k)) for i, k in jobs], max_new_tokens,
-                     generator, samples=n_rollouts)[0] if jobs else []
+                     generator, samples=n_rollouts) if jobs else []
     rates, rollouts = {}, {}
     for (i, k), cont in zip([job for job in jobs for _ in range(n_rollouts)], conts):
         text = kept_text(i, k) + tasks.decode(cont)

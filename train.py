@@ -352,7 +352,7 @@ def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, checkpoint, 
 def greedy_accuracy(model, task, problems, cfg) -> float:
     """Share of problems whose greedy completion the verifier accepts."""
     model.eval()
-    _, completions, _ = mrt.sample_completions(model, task, problems, cfg.block_size, temperature=0)
+    _, completions = mrt.sample_completions(model, task, problems, cfg.block_size, temperature=0)
     return sum(tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)) / len(problems)
 
 
@@ -365,7 +365,7 @@ def rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device) -
     """
     model.eval()
     with autocast(device):
-        prompts, completions, _ = mrt.sample_completions(model, task, problems, cfg.max_think, gen)
+        prompts, completions = mrt.sample_completions(model, task, problems, cfg.max_think, gen)
     rewards = torch.tensor([tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)],
                            dtype=torch.float)
     advantages = mrt.group_advantages(rewards.view(cfg.rl_prompts, cfg.rl_group)).flatten()
@@ -429,7 +429,7 @@ def evaluate(model, task, problems, cfg, device) -> dict:
     meta = mrt.MetaProver(model, task, generator=gen)
     with autocast(device):
         longest = thinking_room(cfg, task, problems, meta)
-        prompts, completions, _ = mrt.sample_completions(model, task, problems, longest, gen)
+        prompts, completions = mrt.sample_completions(model, task, problems, longest, gen)
         thinking = [mrt.split_completion(c)[0] for c in completions]
         episodes = [mrt.split_episodes(t) for t in thinking]
         values = mrt.episode_values(meta, problems, prompts, episodes, cfg.eval_rollouts, cfg.max_episodes)
@@ -470,7 +470,7 @@ def parallel_comparator(model, task, problems, cfg, device, n_max: int = 8) -> d
     model.eval()
     gen = torch.Generator(device).manual_seed(cfg.seed + 54321)
     with autocast(device):
-        _, completions, _ = mrt.sample_completions(model, task, problems, cfg.max_think, gen, samples=n_max)
+        _, completions = mrt.sample_completions(model, task, problems, cfg.max_think, gen, samples=n_max)
     answers = [tuple(tasks.parse_output(tasks.decode(c)).answer or ()) for c in completions]
     think = sum(len(mrt.split_completion(c)[0]) for c in completions) / len(completions)
     accuracy = []
@@ -659,7 +659,7 @@ def explain(cfg: Config, rollouts: int = 32):
     gen = torch.Generator(device).manual_seed(cfg.seed)
     meta = mrt.MetaProver(model, task, generator=gen)
     longest = thinking_room(cfg, task, [problem], meta)
-    prompts, completions, _ = mrt.sample_completions(model, task, [problem], longest, gen)
+    prompts, completions = mrt.sample_completions(model, task, [problem], longest, gen)
     thinking, answer = mrt.split_completion(completions[0])
     episodes = mrt.split_episodes(thinking)
     values = mrt.episode_values(meta, [problem], prompts, [episodes], rollouts)[0]
