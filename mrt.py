@@ -62,14 +62,10 @@ class MetaProver:
     def __call__(self, problems: list, contexts: list[list[int]], n_rollouts: int = 1) -> list[int]:
         rewards, per_call = [], max(1, self.chunk // n_rollouts)
         for i in range(0, len(contexts), per_call):
-            ctx = contexts[i:i + per_call]
-            room = self.model.config.block_size - max(map(len, ctx))
-            if room < 1:
-                raise ValueError(f"a context of {max(map(len, ctx))} tokens leaves μ no room to answer")
-            gen = generate(self.model, ctx, min(self.max_answer_tokens, room), tasks.EOS_ID, tasks.PAD_ID,
-                           self.temperature, forbid=(tasks.BACKTRACK_ID,), generator=self.generator, samples=n_rollouts)
+            answers = complete(self.model, contexts[i:i + per_call], self.max_answer_tokens, self.generator,
+                               self.temperature, n_rollouts, forbid=(tasks.BACKTRACK_ID,))
             rows = [p for p in problems[i:i + per_call] for _ in range(n_rollouts)]
-            rewards += score_answers(self.task, rows, gen.tokens.tolist())
+            rewards += score_answers(self.task, rows, answers)
         return rewards
 
 
@@ -161,11 +157,15 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
 
 
 # ----------------------------------------------------------------------------- sampling and budget forcing
-def complete(model, contexts: list[list[int]], max_new_tokens: int, generator=None, temperature=1.0, samples=1):
-    """`samples` sampled continuations of every context, all at once (consecutive per context), without pads."""
+def complete(model, contexts: list[list[int]], max_new_tokens: int, generator=None, temperature=1.0, samples=1,
+             forbid=()):
+    """`samples` sampled continuations of every context, all at once (consecutive per context), without pads;
+    at most `max_new_tokens` each, fewer where the longest context leaves less room in the model's block."""
     room = model.config.block_size - max(map(len, contexts))
+    if room < 1:
+        raise ValueError(f"a context of {max(map(len, contexts))} tokens leaves no room to generate")
     gen = generate(model, contexts, min(max_new_tokens, room), tasks.EOS_ID, tasks.PAD_ID, temperature,
-                   generator=generator, samples=samples)
+                   forbid=forbid, generator=generator, samples=samples)
     return [[t for t in row if t != tasks.PAD_ID] for row in gen.tokens.tolist()]
 
 
