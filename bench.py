@@ -14,7 +14,7 @@ import torch
 
 import tasks
 import train
-from model import generate
+from model import autocast, generate
 
 
 def timed(fn, repeat: int, device) -> float:
@@ -51,7 +51,7 @@ def training_step(cfg, device):
     x, y = X[:cfg.batch_size].to(device), Y[:cfg.batch_size].to(device)
 
     def step():
-        with train.autocast(device):
+        with autocast(device):
             _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -87,7 +87,7 @@ def bench_sampling(cfg, device, batch=128, new_tokens=48) -> dict:
     outs = {}
 
     def run(use_cache):
-        with train.autocast(device):
+        with autocast(device):
             outs[use_cache] = generate(model, prompts, new_tokens, stop_id=-1, pad_id=tasks.PAD_ID, temperature=0,
                                        use_cache=use_cache)
     cached, recomputed = timed(lambda: run(True), 3, device), timed(lambda: run(False), 2, device)

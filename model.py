@@ -4,6 +4,7 @@ Rows of a batch have different lengths. Training pads on the right (plain causal
 real token, so they cannot change it). Sampling pads prompts on the *left* so that every row's next token sits in the
 same column; each row then gets its own positions and a mask that hides its pads.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -11,6 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (tensor cores); full precision elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @dataclass

@@ -51,10 +51,10 @@ class MetaProver:
     """μ: continue a context that ends in <|answer|> with <|backtrack|> forbidden, and verify the answer (0/1).
 
     Called with problems, contexts and a number of rollouts n: the 0/1 rewards of n answers per context, in order.
+    An answer may be as long as the task's longest correct one (`task.answer_tokens()`).
     """
     model: torch.nn.Module
     task: object
-    max_answer_tokens: int = 24
     temperature: float = 1.0
     generator: torch.Generator | None = None
     chunk: int = 1024  # rows per generate() call: bounds the KV cache's memory
@@ -62,7 +62,7 @@ class MetaProver:
     def __call__(self, problems: list, contexts: list[list[int]], n_rollouts: int = 1) -> list[int]:
         rewards, per_call = [], max(1, self.chunk // n_rollouts)
         for i in range(0, len(contexts), per_call):
-            answers = complete(self.model, contexts[i:i + per_call], self.max_answer_tokens, self.generator,
+            answers = complete(self.model, contexts[i:i + per_call], self.task.answer_tokens(), self.generator,
                                self.temperature, n_rollouts, forbid=(tasks.BACKTRACK_ID,))
             rows = [p for p in problems[i:i + per_call] for _ in range(n_rollouts)]
             rewards += score_answers(self.task, rows, answers)
@@ -183,24 +183,24 @@ def budget_cut(thinking: list[int], budget: int) -> list[int]:
     return cut
 
 
-def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, n_rollouts=1) -> dict:
-    """Accuracy when thinking is stopped after B tokens and μ must answer, for each B in `budgets`.
+def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, n_rollouts=1) -> list[list[float]]:
+    """Success of each stream when its thinking is stopped after B tokens and μ must answer, for each B in `budgets`
+    (a row per stream, a column per budget).
 
-    A stream that finished thinking within B keeps its own answer (a budget-agnostic model needs no forcing).
+    A stream that finished thinking within B keeps its own 0/1 answer (a budget-agnostic model needs no forcing);
+    otherwise it scores μ's Monte Carlo success rate from the cut stream. All forced contexts go to μ as one batch.
     """
-    out = {}
-    for budget in budgets:
-        own, ctx_p, ctx_c, slots = {}, [], [], []
-        for i, (p, prompt, comp) in enumerate(zip(problems, prompts, completions)):
-            thinking, answer = split_completion(comp)
-            if answer and len(thinking) <= budget:
-                own[i] = tasks.verify(task, p, tasks.decode(comp))
-            else:
-                slots.append(i)
+    out, slots, ctx_p, ctx_c = [], [], [], []
+    for i, (p, prompt, comp) in enumerate(zip(problems, prompts, completions)):
+        thinking, answer = split_completion(comp)
+        out.append([float(tasks.verify(task, p, tasks.decode(comp)))] * len(budgets))
+        for b, budget in enumerate(budgets):
+            if not answer or len(thinking) > budget:
+                slots.append((i, b))
                 ctx_p.append(p)
                 ctx_c.append(prompt + budget_cut(thinking, budget) + [tasks.ANSWER_ID])
-        forced = dict(zip(slots, estimate_success(meta_prover, ctx_p, ctx_c, n_rollouts))) if slots else {}
-        out[budget] = sum({**own, **forced}.values()) / len(problems)
+    for (i, b), value in zip(slots, estimate_success(meta_prover, ctx_p, ctx_c, n_rollouts)):
+        out[i][b] = value
     return out
 
 

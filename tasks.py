@@ -100,6 +100,17 @@ class NumberTask:
         """Every legal step from `state`, in the canonical form the solver writes."""
         raise NotImplementedError
 
+    def answer_tokens(self) -> int:
+        """Tokens of the longest correct answer, <|eos|> included: n-1 lines `a op b=c`. A number made from s of the
+        given numbers is below (max_number + 1)^s (for x < A, y < B: x + y and x·y are below A·B), an operand uses at
+        most n-1 of them, and the last result is the target."""
+        largest = max((self.max_number + 1) ** (self.n_numbers - 1) - 1, self.max_target)
+        return (self.n_numbers - 1) * (3 * len(str(largest)) + 3) + 1
+
+    def prompt_tokens(self) -> int:
+        """Tokens of the longest prompt: <|bos|>, the numbers and their separators, the target, the newline."""
+        return 2 + self.n_numbers * (len(str(self.max_number)) + 1) + len(str(self.max_target))
+
     def prompt(self, problem) -> str:
         """The model's input x: `<|bos|>numbers:target` and a newline."""
         numbers, target = problem
@@ -287,6 +298,18 @@ def verify(task, problem, completion: str) -> int:
     """The 0/1 outcome reward r(x, z): 1 iff the completion has a complete answer that solves the problem."""
     parsed = parse_output(completion)
     return int(parsed.answer is not None and is_correct(task, problem, parsed.answer))
+
+
+def answer_key(task, lines) -> tuple:
+    """An answer as a computation, for a majority vote: its steps with the operands of + and * in `task.arrange`
+    order, so that `9*3=27` and `3*9=27` count as one answer where the order of the numbers does not matter."""
+    def step_key(line):
+        step = parse_step(line)
+        if step is None or step[1] not in "+*":
+            return step or line
+        a, op, b, c = step
+        return op, task.arrange((a, b)), c
+    return tuple(map(step_key, lines))
 
 
 def steps_text(steps) -> str:

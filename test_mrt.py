@@ -2,9 +2,11 @@
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
+import evaluation
 import mrt
 import tasks
 import train
@@ -305,6 +307,60 @@ def test_warmstart_builder_with_a_model_makes_valid_traces():
             assert z0[:t.keep] == z2[:t.keep] and (t.keep >= len(z0) or z0[t.keep] != z2[t.keep])
 
 
+# ----------------------------------------------------------------------------- evaluation
+def test_pass_at_k_on_hand_worked_cases():
+    assert evaluation.pass_at_k(4, 1, 1) == 0.25  # k = 1: c / n
+    assert evaluation.pass_at_k(4, 1, 2) == 0.5  # 1 − C(3,2)/C(4,2) = 1 − 3/6
+    assert evaluation.pass_at_k(16, 2, 8) == pytest.approx(1 - 3003 / 12870)  # 1 − C(14,8)/C(16,8)
+    assert evaluation.pass_at_k(4, 0, 4) == 0 and evaluation.pass_at_k(4, 3, 2) == 1  # 2 of 4 must include a right one
+
+
+def test_bootstrap_interval_on_hand_worked_cases():
+    # One seed, two problems scored 0 and 1: a replicate's mean is 0, 1/2 or 1 with probability 1/4, 1/2, 1/4.
+    b = evaluation.bootstrap(np.array([[0.0, 1.0]]), seed=0, n_boot=4000)
+    assert b["mean"] == 0.5 and b["low"] == 0.0 and b["high"] == 1.0
+    # The same with the spread between seeds instead (two seeds, one problem): the seeds are redrawn too.
+    b = evaluation.bootstrap(np.array([[0.0], [1.0]]), seed=0, n_boot=4000)
+    assert b["low"] == 0.0 and b["high"] == 1.0
+    # No spread, no interval; every per-problem difference positive: the interval excludes 0.
+    assert evaluation.bootstrap(np.full((3, 5), 0.25))["low"] == pytest.approx(0.25)
+    d = evaluation.bootstrap(np.array([[0.1, 0.2, 0.3, 0.1], [0.2, 0.1, 0.1, 0.3]]))
+    assert 0.1 <= d["low"] < d["mean"] < d["high"] <= 0.3
+    # Trailing dimensions (e.g. budgets) each get their own interval from the same draws.
+    assert len(evaluation.bootstrap(np.zeros((2, 4, 3)))["high"]) == 3
+
+
+def test_majority_vote_counts_equal_computations_together():
+    keys = [tasks.answer_key(TASK, a) for a in (["9*3=27", "27-7=20"], ["3*9=27", "27-7=20"], ["9-7=2", "2*3=6"])]
+    assert keys[0] == keys[1] != keys[2]
+    assert evaluation.majority_vote(keys, [1, 1, 0], 3) == 1.0  # 2 votes for the right computation, 1 against
+    assert evaluation.majority_vote([keys[2], keys[2], keys[0], None], [0, 0, 1, 0], 2) == 0.5  # groups (0,1), (2,3)
+    assert evaluation.majority_vote([None, None], [0, 0], 2) == 0.0  # no answer, no vote
+    assert tasks.answer_key(tasks.Chain(), ["3*9=27"]) != tasks.answer_key(tasks.Chain(), ["9*3=27"])  # order matters
+
+
+def test_meta_prover_draws_do_not_change_the_policys_streams():
+    cfg = train.Config(n_layer=1, n_head=2, n_embd=32, eval_streams=4, value_streams=2, max_episodes=2, budget_step=32)
+    problems = tasks.make_split(TASK, 10, 6, seed=0)[1]
+    model = tiny_model(block_size=128)
+    one, three = (evaluation.evaluate(model, TASK, problems, train.Config(**{**vars(cfg), "eval_rollouts": n}),
+                                      torch.device("cpu"))
+                  for n in (1, 3))
+    for key in ("successes", "first_right", "thinking_tokens", "episodes", "majority_vote"):
+        assert one[key] == three[key]  # 1 or 3 rollouts of μ per prefix: the policy's streams are the same
+    assert len(one["J"]) == len(one["budget_accuracy"]) == len(problems) and len(one["J"][0]) == 3
+
+
+def test_answer_tokens_fit_every_correct_answer():
+    for task in (Countdown(3, 10, 100), Countdown(4, 10, 100), tasks.Chain(4, 10, 100)):
+        rng = random.Random(0)
+        for _ in range(30):
+            p = task.random_problem(rng)
+            longest = max(len(encode(tasks.steps_text(s) + EOS)) for s in task.solutions(task.start(p), p[1]))
+            assert longest <= task.answer_tokens()
+            assert len(encode(task.prompt(p))) <= task.prompt_tokens()
+
+
 # ----------------------------------------------------------------------------- the pipeline
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
@@ -314,15 +370,20 @@ def smoke_run(tmp_path_factory):
 
 
 def numbers(results):
-    return {k: results[k] for k in ("models", "summary", "per_seed")}
+    return {k: results[k] for k in ("summary", "paired", "per_problem")}
 
 
 def test_smoke_run_writes_results(smoke_run):
     out, results = smoke_run
-    assert set(results["models"]) == {"base", "warm", "outcome", "mrt"}
-    for m in results["models"].values():
-        assert 0 <= m["accuracy"] <= 1 and len(m["regret"]) == results["config"]["max_episodes"]
-        assert len(m["J"]) == results["config"]["max_episodes"] + 1
+    cfg, n_test = results["config"], results["test_problems"]
+    assert set(results["summary"]) == set(results["per_problem"]) == {"base", "warm", "outcome", "mrt"}
+    for name, s in results["summary"].items():
+        assert 0 <= s["accuracy"]["low"] <= s["accuracy"]["mean"] <= s["accuracy"]["high"] <= 1
+        assert len(s["regret"]["mean"]) == cfg["max_episodes"] and len(s["J"]["mean"]) == cfg["max_episodes"] + 1
+        for e in results["per_problem"][name]:  # per-problem success counts, out of --eval-streams
+            assert len(e["successes"]) == n_test and all(0 <= c <= cfg["eval_streams"] for c in e["successes"])
+    assert set(results["paired"]) == {"mrt - outcome", "outcome - base", "mrt - base"}
+    assert len(results["test_set"]) == n_test and results["machine"]
     assert (out / "log.jsonl").exists() and (out / "base.pt").exists()
 
 
@@ -368,7 +429,7 @@ def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, tmp_path):
         (tmp_path / name).write_bytes((smoke_run[0] / name).read_bytes())
     train.main(["--smoke", "--out-dir", str(tmp_path), "--alpha", "0", "--rl-steps", "4"])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["per_seed"]["mrt"] == results["per_seed"]["outcome"]
+    assert results["per_problem"]["mrt"] == results["per_problem"]["outcome"]
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     curve = lambda arm: [(r["step"], r["reward"], r["tokens"], r["episodes"], r["loss"]) for r in rows
                          if r.get("stage") == f"rl_{arm}"]
@@ -390,6 +451,11 @@ def test_a_half_finished_stage_from_other_options_is_refused_too(tmp_path):
     assert not train.Checkpoint(str(tmp_path / "base.pt"), {"lr": 1e-3}, 30, cfg).finished()  # step 10 of 30
     with pytest.raises(train.UserError, match="lr"):
         train.Checkpoint(str(tmp_path / "base.pt"), {"lr": 3e-3}, 30, cfg)
+
+
+def test_the_warm_start_depends_on_max_think():  # its traces are sampled max_think tokens long
+    cfg = train.Config()
+    assert train.stage_config(cfg, "warm") != train.stage_config(train.Config(max_think=32), "warm")
 
 
 def test_truncated_checkpoint_is_a_clear_error(smoke_run, tmp_path, capsys):
@@ -416,6 +482,8 @@ def test_explain_prints_each_episode_with_its_progress(smoke_run, capsys):
     (["--rl-steps", "-1"], "--rl-steps"), (["--alpha", "-0.5"], "--alpha"), (["--device", "tpu"], "--device"),
     (["--max-think", "500"], "--max-think"), (["--preset", "huge"], "--preset"), (["--n-head", "5"], "--n-head"),
     (["--explain", "nothing"], "--explain"), (["--explain", "base", "--problem", "1 2 3:1000"], "--problem"),
+    (["--n-test", "5000"], "--n-test"), (["--value-streams", "8"], "--value-streams"),
+    (["--rl-prompts", "5000"], "--rl-prompts"),
 ])
 def test_bad_options_exit_with_one_clear_line(flags, message, smoke_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -426,8 +494,8 @@ def test_bad_options_exit_with_one_clear_line(flags, message, smoke_run, capsys)
 
 
 def test_tokens_to_reach_is_the_first_budget_at_the_target():
-    assert train.tokens_to_reach([0, 8, 16, 24], [0.1, 0.3, 0.2, 0.5], 0.3) == 8
-    assert train.tokens_to_reach([0, 8], [0.1, 0.2], 0.3) is None
+    assert evaluation.tokens_to_reach([0, 8, 16, 24], [0.1, 0.3, 0.2, 0.5], 0.3) == 8
+    assert evaluation.tokens_to_reach([0, 8], [0.1, 0.2], 0.3) is None
 
 
 def test_unwritable_out_dir_and_missing_device_are_clear_errors(tmp_path, capsys):

@@ -8,24 +8,22 @@ Every stage saves a checkpoint in --out-dir; re-running the same command skips f
 The defaults below are the cpu preset's; --preset gpu / smoke change some of them, and explicit flags win.
 """
 import argparse
-import contextlib
 import copy
-import itertools
 import json
 import math
 import os
 import random
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from tqdm import tqdm
 
+import evaluation
 import mrt
 import tasks
-from model import GPT, GPTConfig, token_logprobs
+from model import GPT, GPTConfig, autocast, token_logprobs
 
 
 def opt(default, help, low=None):
@@ -73,6 +71,8 @@ class Config:
     max_think: int = opt(64, "completion tokens the policy may write during RL", 1)
     rl_seeds: int = opt(3, "RL seeds (each runs both arms from the same warm start)", 1)
     # evaluation
+    eval_streams: int = opt(16, "sampled streams per test problem (accuracy, pass@k, majority vote, tokens)", 1)
+    value_streams: int = opt(4, "of those, streams per problem that μ scores (J, regret, budget-forced accuracy)", 1)
     eval_rollouts: int = opt(4, "meta-prover rollouts per prefix at evaluation", 1)
     max_episodes: int = opt(5, "episodes K of the J and regret curves", 1)
     budget_step: int = opt(8, "spacing of the token-budget grid of budget-forced accuracy", 1)
@@ -95,7 +95,8 @@ PRESETS = {
                 warm_problems=4096, rl_steps=200, rl_prompts=32, max_think=128, n_test=1000, lr=1e-3),
     "smoke": dict(n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
                   warm_problems=32, warm_rollouts=2, warm_steps=10, rl_steps=2, rl_prompts=4, rl_group=4,
-                  mc_rollouts=2, rl_seeds=1, eval_rollouts=1, max_episodes=3, budget_step=16, snapshot_every=5),
+                  mc_rollouts=2, rl_seeds=1, eval_streams=4, value_streams=2, eval_rollouts=1, max_episodes=3,
+                  budget_step=16, snapshot_every=5),
 }
 
 
@@ -136,14 +137,19 @@ def check_config(cfg: Config):
     rules = [  # (broken, what to say)
         (min(cfg.lr, cfg.warm_lr, cfg.rl_lr) <= 0, "--lr, --warm-lr and --rl-lr must be > 0"),
         (cfg.cut_prob > 1, f"--cut-prob must be in [0, 1], got {cfg.cut_prob}"),
+        (cfg.value_streams > cfg.eval_streams, f"--value-streams ({cfg.value_streams}) must not exceed --eval-streams "
+                                               f"({cfg.eval_streams})"),
         (cfg.n_embd % cfg.n_head, f"--n-embd ({cfg.n_embd}) must be a multiple of --n-head ({cfg.n_head})"),
         (cfg.task not in tasks.TASKS, f"--task must be one of {', '.join(tasks.TASKS)}, got {cfg.task!r}"),
-        (cfg.max_think + 40 > cfg.block_size, f"--max-think ({cfg.max_think}) must leave 40 tokens of --block-size "
-                                              f"({cfg.block_size}) for the prompt and the meta-prover's answer"),
     ]
     for broken, message in rules:
         if broken:
             raise UserError(message)
+    task = make_task(cfg)
+    room = cfg.block_size - task.prompt_tokens() - task.answer_tokens() - 1  # prompt, stream, <|answer|>, answer
+    if cfg.max_think > room:
+        raise UserError(f"--max-think ({cfg.max_think}) must leave room in --block-size ({cfg.block_size}) for the "
+                        f"prompt and the meta-prover's answer: at most {room} here")
 
 
 def pick_device(name: str) -> torch.device:
@@ -169,11 +175,6 @@ def prepare_out_dir(path: str):
         raise UserError(f"--out-dir {path}: cannot write there ({e.strerror})") from None
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (tensor cores); full precision elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def make_task(cfg: Config):
     """The task object the options describe."""
     return tasks.TASKS[cfg.task](cfg.n_numbers, cfg.max_number, cfg.max_target)
@@ -190,8 +191,8 @@ STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "base": ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
              "block_size", "seed", "base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob",
              "practice_per_problem"],
-    "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr"],
-    "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr", "max_think"],
+    "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "max_think"],  # traces: max_think long
+    "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],
     "mrt": ["alpha", "mc_rollouts"],
 }
 
@@ -416,149 +417,7 @@ def train_rl(model, task, train, cfg, arm, seed, device, log, checkpoint):
     return model
 
 
-# ----------------------------------------------------------------------------- evaluation
-def thinking_room(cfg: Config, task, problems, meta) -> int:
-    """The longest stream that still leaves μ room to answer after it (and after <|answer|>)."""
-    return cfg.block_size - max(len(tasks.encode(task.prompt(p))) for p in problems) - meta.max_answer_tokens - 1
-
-
-def evaluate(model, task, problems, cfg, device) -> dict:
-    """One sampled stream per test problem: accuracy, length, episodes, J(μ | x, z_{0:j}), regret, budget accuracy."""
-    model.eval()
-    gen = torch.Generator(device).manual_seed(cfg.seed + 12345)  # the same draws for every model
-    meta = mrt.MetaProver(model, task, generator=gen)
-    with autocast(device):
-        longest = thinking_room(cfg, task, problems, meta)
-        prompts, completions = mrt.sample_completions(model, task, problems, longest, gen)
-        thinking = [mrt.split_completion(c)[0] for c in completions]
-        episodes = [mrt.split_episodes(t) for t in thinking]
-        values = mrt.episode_values(meta, problems, prompts, episodes, cfg.eval_rollouts, cfg.max_episodes)
-        budgets = list(range(0, longest + 1, cfg.budget_step))
-        by_budget = mrt.budget_accuracy(meta, task, problems, prompts, completions, budgets)
-    n = len(problems)
-    mean = lambda rows: [sum(col) / n for col in zip(*rows)]
-    # Does the model backtrack when it should? Split the streams by whether the first attempt z_0 was right.
-    first = [tasks.parse_output(tasks.decode(t)).attempts[0] for t in thinking]
-    first_right = [tasks.is_correct(task, p, a) for p, a in zip(problems, first)]
-    backtracked = [tasks.BACKTRACK_ID in t for t in thinking]
-    rate = lambda flags, right: (sum(f for f, r in zip(flags, first_right) if r == right)
-                                 / max(1, sum(r == right for r in first_right)))
-    # A wrong z_0 whose last line still ends on the target *looks* solved: the model cannot see that it failed.
-    ends_on_target = [bool(a) and (step := tasks.parse_step(a[-1])) is not None and step[3] == p[1]
-                      for p, a in zip(problems, first)]
-    return {
-        "accuracy": sum(tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)) / n,
-        "thinking_tokens": sum(map(len, thinking)) / n,
-        "episodes": sum(map(len, episodes)) / n,
-        "backtrack_rate": sum(backtracked) / n,
-        "first_attempt_accuracy": sum(first_right) / n,
-        "backtrack_after_wrong_first": rate(backtracked, False),
-        "backtrack_after_right_first": rate(backtracked, True),
-        "wrong_first_ending_on_target": rate(ends_on_target, False),
-        "J": mean(values),  # J[j] = J(μ | x, z_{0:j-1}); J[0] = J(μ | x)
-        "regret": mean([mrt.cumulative_regret(v) for v in values]),  # regret[k-1] = Δ_k, comparator J(π*) = 1
-        "budgets": budgets,
-        "budget_accuracy": [by_budget[b] for b in budgets],
-        # Δ(B) = Σ_{B' ≤ B on the grid} (J(π*) − accuracy at B'), J(π*) = 1: regret against thinking tokens
-        "budget_regret": list(itertools.accumulate(1 - by_budget[b] for b in budgets)),
-    }
-
-
-def parallel_comparator(model, task, problems, cfg, device, n_max: int = 8) -> dict:
-    """The comparator a user could pick instead of thinking longer: n independent samples, majority vote over their
-    answers. Accuracy for n = 1..n_max with the thinking tokens the n samples spent together."""
-    model.eval()
-    gen = torch.Generator(device).manual_seed(cfg.seed + 54321)
-    with autocast(device):
-        _, completions = mrt.sample_completions(model, task, problems, cfg.max_think, gen, samples=n_max)
-    answers = [tuple(tasks.parse_output(tasks.decode(c)).answer or ()) for c in completions]
-    think = sum(len(mrt.split_completion(c)[0]) for c in completions) / len(completions)
-    accuracy = []
-    for n in range(1, n_max + 1):
-        votes = [Counter(a for a in answers[i * n_max:i * n_max + n] if a).most_common(1) for i in range(len(problems))]
-        accuracy.append(sum(bool(v) and tasks.is_correct(task, p, list(v[0][0])) for v, p in zip(votes, problems))
-                        / len(problems))
-    return {"n": list(range(1, n_max + 1)), "thinking_tokens": [n * think for n in range(1, n_max + 1)],
-            "accuracy": accuracy}
-
-
-def tokens_to_reach(budgets: list, accuracy: list, target: float):
-    """The smallest thinking budget at which the accuracy reaches `target` (None if it never does)."""
-    return next((b for b, a in zip(budgets, accuracy) if a >= target - 1e-9), None)
-
-
 # ----------------------------------------------------------------------------- the pipeline
-def summarize(runs: list[dict]) -> dict:
-    """Mean and standard deviation over seeds of every number (and list of numbers) in the evaluations."""
-    def agg(values):
-        if isinstance(values[0], dict):
-            return {k: agg([v[k] for v in values]) for k in values[0]}
-        if isinstance(values[0], list):
-            return [agg(list(col)) for col in zip(*values)]
-        t = torch.tensor(values, dtype=torch.float64)
-        return {"mean": t.mean().item(), "std": t.std().item() if len(values) > 1 else 0.0}
-    return agg(runs)
-
-
-def print_table(results: dict, cfg: Config):
-    """The headline numbers, one row per model (mean ± std over RL seeds)."""
-    K = cfg.max_episodes
-    budgets = results["models"]["base"]["budgets"]
-    shown = [i for i, b in enumerate(budgets) if b in (0, 16, 32, cfg.max_think) or i == len(budgets) - 1]
-    head = f"{'model':<10}{'accuracy':>14}{'tokens':>9}{'episodes':>9}{'Δ_' + str(K) + ' regret':>16}"
-    print("\n" + head + "".join(f"{'acc@' + str(budgets[i]):>14}" for i in shown))
-    for name in ("base", "warm", "outcome", "mrt"):
-        m = results["summary"][name]
-        cell = lambda s: f"{s['mean']:.3f}±{s['std']:.3f}"
-        print(f"{name:<10}{cell(m['accuracy']):>14}{m['thinking_tokens']['mean']:>9.1f}{m['episodes']['mean']:>9.2f}"
-              f"{cell(m['regret'][K - 1]):>16}" + "".join(f"{cell(m['budget_accuracy'][i]):>14}" for i in shown))
-    print(f"(test problems: {cfg.n_test}; RL seeds: {cfg.rl_seeds}; comparator J(π*) = 1; "
-          f"budgets above {cfg.max_think} tokens exceed what RL ever saw)")
-    par = results["parallel_base_majority_vote"]
-    print("base, majority vote of n samples: " + ", ".join(
-        f"n={n}: {a:.3f} ({t:.0f} tok)" for n, a, t in zip(par["n"], par["accuracy"], par["thinking_tokens"])))
-    reach = results["tokens_to_reach_outcome_accuracy"]
-    print(f"thinking tokens needed to reach outcome RL's accuracy ({reach['target']:.3f}): "
-          + ", ".join(f"{k} {reach[k]}" for k in ("base", "warm", "outcome", "mrt")))
-
-
-def plot(results: dict, out_dir: str):
-    """accuracy vs budget, cumulative regret vs episodes, RL reward curves -> PNGs (only if matplotlib is installed)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
-    for name, m in results["summary"].items():
-        budgets = results["models"][name]["budgets"]
-        mean = [s["mean"] for s in m["budget_accuracy"]]
-        std = [s["std"] for s in m["budget_accuracy"]]
-        ax1.errorbar(budgets, mean, yerr=std, label=name, capsize=2)
-        k = list(range(1, len(m["regret"]) + 1))
-        ax2.errorbar(k, [s["mean"] for s in m["regret"]], yerr=[s["std"] for s in m["regret"]], label=name, capsize=2)
-    par = results["parallel_base_majority_vote"]
-    ax1.plot(par["thinking_tokens"], par["accuracy"], "k--", marker=".", label="base, majority of n samples")
-    ax1.axvline(results["config"]["max_think"], color="gray", ls=":", label="RL budget")
-    ax1.set(xlabel="thinking budget B (tokens)", ylabel="accuracy (μ forced at B)", title="accuracy vs budget")
-    ax2.set(xlabel="episodes k", ylabel="cumulative regret Δ_k  (J(π*) = 1)", title="cumulative regret")
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
-    for arm in ("outcome", "mrt"):
-        by_step = {r["step"]: r["reward"] for r in rows  # later runs in the same out-dir overwrite earlier ones
-                   if r.get("stage") == f"rl_{arm}" and r.get("seed") == results["config"]["seed"] and "reward" in r}
-        curve = [by_step[k] for k in sorted(by_step)]
-        smooth = [sum(curve[max(0, i - 9):i + 1]) / len(curve[max(0, i - 9):i + 1]) for i in range(len(curve))]
-        ax3.plot(smooth, label=arm)
-    ax3.set(xlabel="RL step", ylabel="train reward (moving mean of 10)", title="RL training")
-    for ax in (ax1, ax2, ax3):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "results.png"), dpi=110)
-    plt.close(fig)
-
-
 def run(cfg: Config) -> dict:
     """The whole pipeline: each stage skipped if finished, resumed if interrupted; writes results.json."""
     check_config(cfg)
@@ -567,7 +426,12 @@ def run(cfg: Config) -> dict:
     log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
     log = lambda **row: print(json.dumps(row), file=log_file, flush=True)  # training curves and stage timings
     task = make_task(cfg)
-    train, test = tasks.make_split(task, cfg.n_train, cfg.n_test, cfg.seed)
+    try:
+        train, test = tasks.make_split(task, cfg.n_train, cfg.n_test, cfg.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.rl_prompts > len(train):
+        raise UserError(f"--rl-prompts ({cfg.rl_prompts}) must not exceed the {len(train)} training problems")
     print(f"{task}: {len(train)} train / {len(test)} test problems, device {device}, out-dir {cfg.out_dir}")
     # Each stage has its own random streams, so a resumed run draws exactly what a fresh run would.
     rng = lambda stage: random.Random(f"{cfg.seed}-{stage}")
@@ -622,24 +486,20 @@ def run(cfg: Config) -> dict:
                                                     checkpoint)
             models[arm].append(stage(f"rl_{arm}_seed{seed}", key, cfg.rl_steps, train_arm))
 
-    evals = {}
-    for name, group in models.items():
-        evals[name] = [evaluate(m, task, test, cfg, device) for m in tqdm(group, desc=f"evaluate {name}", leave=False)]
-    summary = {k: summarize(v) for k, v in evals.items()}
-    budgets = evals["base"][0]["budgets"]
-    target = summary["outcome"]["accuracy"]["mean"]  # how many tokens does each model need to match outcome RL?
-    efficiency = {k: tokens_to_reach(budgets, [s["mean"] for s in m["budget_accuracy"]], target)
-                  for k, m in summary.items()}
-    results = {"config": asdict(cfg), "train_problems": len(train), "test_problems": len(test), "device": str(device),
-               "stage_seconds": timings, "models": {k: v[0] for k, v in evals.items()},
-               "per_seed": {k: v for k, v in evals.items() if k in ("outcome", "mrt")}, "summary": summary,
-               "parallel_base_majority_vote": parallel_comparator(base, task, test, cfg, device),
-               "tokens_to_reach_outcome_accuracy": {"target": target, **efficiency}}
+    start = time.time()
+    evals = {name: [evaluation.evaluate(m, task, test, cfg, device) for m in tqdm(group, desc=f"evaluate {name}",
+                                                                                  leave=False)]
+             for name, group in models.items()}
+    timings["evaluation"] = time.time() - start
+    results = {"config": asdict(cfg), "machine": evaluation.machine(), "device": str(device),
+               "train_problems": len(train), "test_problems": len(test), "stage_seconds": timings,
+               "test_set": [task.prompt(p)[len(tasks.BOS):].strip() for p in test],
+               **evaluation.report(evals, cfg.seed)}
     with open(os.path.join(cfg.out_dir, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=1)
     os.replace(os.path.join(cfg.out_dir, "results.json.tmp"), os.path.join(cfg.out_dir, "results.json"))
-    print_table(results, cfg)
-    plot(results, cfg.out_dir)
+    evaluation.print_table(results, cfg)
+    evaluation.plot(results, cfg.out_dir)
     return results
 
 
@@ -658,7 +518,7 @@ def explain(cfg: Config, rollouts: int = 32):
         raise UserError(f"--problem: {e}") from None
     gen = torch.Generator(device).manual_seed(cfg.seed)
     meta = mrt.MetaProver(model, task, generator=gen)
-    longest = thinking_room(cfg, task, [problem], meta)
+    longest = evaluation.thinking_room(cfg, task, [problem])
     prompts, completions = mrt.sample_completions(model, task, [problem], longest, gen)
     thinking, answer = mrt.split_completion(completions[0])
     episodes = mrt.split_episodes(thinking)

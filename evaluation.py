@@ -1,0 +1,263 @@
+"""Evaluation and reporting: many sampled streams per test problem, paired bootstrap intervals, pass@k, the table and
+the figure.
+
+Every reported number is a mean over test problems (and RL seeds) of a per-problem quantity, such as the share of a
+problem's m streams that are right. `results.json` keeps those per-problem values for every model and seed, so any
+comparison can be recomputed without sampling again (`measures` and `bootstrap` below do it from the saved lists).
+"""
+import json
+import math
+import os
+import platform
+from collections import Counter
+
+import numpy as np
+import torch
+
+import mrt
+import tasks
+from model import autocast
+
+PASS_K = (1, 2, 4, 8)  # pass@k for these k (those up to --eval-streams)
+MAX_VOTE = 8  # majority votes of n = 1..MAX_VOTE streams
+PAIRS = [("mrt", "outcome"), ("outcome", "base"), ("mrt", "base")]  # paired differences a − b
+RATES = ["backtrack_after_wrong_first", "backtrack_after_right_first", "wrong_first_ending_on_target"]
+COMPARED = ["accuracy", "first_attempt_accuracy", "thinking_tokens", "regret", "budget_accuracy", "budget_regret"]
+
+
+# ----------------------------------------------------------------------------- scoring one model
+def thinking_room(cfg, task, problems) -> int:
+    """The longest stream that still leaves μ room to answer after it (and after <|answer|>)."""
+    return cfg.block_size - max(len(tasks.encode(task.prompt(p))) for p in problems) - task.answer_tokens() - 1
+
+
+def evaluate(model, task, problems, cfg, device) -> dict:
+    """Sample m = --eval-streams streams per test problem and score them; μ runs on the first --value-streams of each
+    problem's streams (the J curve and budget-forced accuracy cost μ rollouts per prefix and per budget).
+
+    The policy draws from one generator and μ from another, both seeded the same for every model: every model's
+    streams come from the same random numbers, and μ's draws never shift them. Returns per-problem lists (index p
+    follows `problems`), the mean over a problem's streams unless said otherwise.
+    """
+    model.eval()
+    gen = torch.Generator(device).manual_seed(cfg.seed + 12345)
+    meta = mrt.MetaProver(model, task, generator=torch.Generator(device).manual_seed(cfg.seed + 54321))
+    m, v, P = cfg.eval_streams, cfg.value_streams, len(problems)
+    longest = thinking_room(cfg, task, problems)
+    budgets = list(range(0, longest + 1, cfg.budget_step))
+    with autocast(device):
+        per_call = max(1, 1024 // m)  # problems per sampling call: bounds the KV cache's memory
+        prompts, completions = [], []
+        for i in range(0, P, per_call):
+            p, c = mrt.sample_completions(model, task, problems[i:i + per_call], longest, gen, samples=m)
+            prompts, completions = prompts + p, completions + c
+        rows = [(p, i) for p in range(P) for i in range(v)]  # the streams μ runs on
+        v_problems, v_prompts = [problems[p] for p, _ in rows], [prompts[p] for p, _ in rows]
+        v_completions = [completions[p * m + i] for p, i in rows]
+        episodes = [mrt.split_episodes(mrt.split_completion(c)[0]) for c in v_completions]
+        values = mrt.episode_values(meta, v_problems, v_prompts, episodes, cfg.eval_rollouts, cfg.max_episodes)
+        forced = mrt.budget_accuracy(meta, task, v_problems, v_prompts, v_completions, budgets, cfg.eval_rollouts)
+    parsed = [score_stream(task, problems[i // m], c) for i, c in enumerate(completions)]
+    column = lambda key: np.array([s[key] for s in parsed], dtype=float).reshape(P, m)
+    right, first_right, backtracked = column("right"), column("first_right"), column("backtracked")
+    per_value_stream = lambda rows: np.array(rows).reshape(P, v, -1).mean(1).tolist()
+    pooled = lambda flags, among: [int((flags * among).sum()), int(among.sum())]  # [count, out of]
+    return {
+        "streams": m, "value_streams": v, "budgets": budgets,
+        "successes": right.sum(1).astype(int).tolist(),  # right streams of m: accuracy and pass@k
+        "first_right": first_right.sum(1).astype(int).tolist(),  # streams whose first attempt z_0 solves it
+        "thinking_tokens": column("tokens").mean(1).tolist(),
+        "episodes": column("episodes").mean(1).tolist(),
+        "J": per_value_stream(values),  # J[p][j] = J(μ | x, z_{0:j-1}); J[p][0] = J(μ | x)
+        "budget_accuracy": per_value_stream(forced),  # [p][b]: μ forced to answer after budgets[b] thinking tokens
+        "majority_vote": [[majority_vote([s["key"] for s in parsed[p * m:(p + 1) * m]], right[p], n)
+                           for n in range(1, min(MAX_VOTE, m) + 1)] for p in range(P)],
+        # Does the model backtrack when it should? Counts pooled over all streams, split by whether z_0 was right.
+        "backtrack_after_wrong_first": pooled(backtracked, 1 - first_right),
+        "backtrack_after_right_first": pooled(backtracked, first_right),
+        # A wrong z_0 whose last line still ends on the target *looks* solved: the model cannot see that it failed.
+        "wrong_first_ending_on_target": pooled(column("ends_on_target"), 1 - first_right),
+    }
+
+
+def score_stream(task, problem, completion) -> dict:
+    """What one sampled stream did: right or not, its first attempt, its length, and its answer as a computation."""
+    thinking, _ = mrt.split_completion(completion)
+    parsed = tasks.parse_output(tasks.decode(completion))
+    first = parsed.attempts[0]
+    last_step = tasks.parse_step(first[-1]) if first else None
+    return {"right": tasks.verify(task, problem, tasks.decode(completion)),
+            "first_right": tasks.is_correct(task, problem, first),
+            "tokens": len(thinking), "episodes": len(mrt.split_episodes(thinking)),
+            "backtracked": tasks.BACKTRACK_ID in thinking,
+            "ends_on_target": last_step is not None and last_step[3] == problem[1],
+            "key": tasks.answer_key(task, parsed.answer) if parsed.answer else None}
+
+
+def majority_vote(keys: list, right, n: int) -> float:
+    """Accuracy of a majority vote of n streams, averaged over the m // n disjoint groups of n of a problem's m streams.
+
+    Answers are compared as computations (`tasks.answer_key`); streams without an answer do not vote; a tie goes to
+    the answer seen first. Every stream with the winning key is right or every one is wrong."""
+    groups = [range(g * n, (g + 1) * n) for g in range(len(keys) // n)]
+    wins = [Counter(keys[i] for i in g if keys[i] is not None).most_common(1) for g in groups]
+    return sum(bool(w) and bool(right[keys.index(w[0][0])]) for w in wins) / len(groups)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are right (Chen et al., 2021): 1 − C(n−c, k) / C(n, k), the chance
+    that k of the n samples, drawn without replacement, include a right one."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+# ----------------------------------------------------------------------------- statistics over problems and seeds
+def measures(evals: list[dict]) -> dict:
+    """Per-(seed, problem) arrays (S, P, ...) of every reported measure, from one model's evaluations (one per seed)."""
+    get = lambda key: np.array([e[key] for e in evals], dtype=float)
+    m = evals[0]["streams"]
+    J, forced = get("J"), get("budget_accuracy")
+    return {
+        "accuracy": get("successes") / m,
+        "first_attempt_accuracy": get("first_right") / m,
+        "thinking_tokens": get("thinking_tokens"),
+        "episodes": get("episodes"),
+        **{f"pass@{k}": np.vectorize(lambda c: pass_at_k(m, int(c), k))(get("successes")) for k in PASS_K if k <= m},
+        "majority_vote": get("majority_vote"),  # [..., n-1]: vote of n streams
+        "J": J,
+        # [..., k-1]: Δ_k = Σ_{j<k} (J(π*) − J(μ | x, z_{0:j})) with J(π*) = 1
+        "regret": np.cumsum(1 - J[..., 1:], axis=-1),
+        "budget_accuracy": forced,
+        "budget_regret": (1 - forced).sum(-1),  # Σ_B (J(π*) − accuracy at B) over the budget grid
+    }
+
+
+def bootstrap(x: np.ndarray, seed: int = 0, n_boot: int = 2000) -> dict:
+    """The mean of x (S seeds, P problems, ...) over seeds and problems, with a 95% percentile bootstrap interval.
+
+    Each of the n_boot replicates redraws the P problems with replacement and, inside it, the S seeds with
+    replacement; the same draw weighs every seed and every problem alike, so a difference of two arms (x = a − b,
+    seed s of one against seed s of the other) stays paired. The same `seed` gives the same draws for every measure.
+    """
+    S, P = x.shape[:2]
+    rng = np.random.default_rng(seed)
+    seed_weights = rng.multinomial(S, np.full(S, 1 / S), size=n_boot)  # (n_boot, S): times each seed is drawn
+    problem_weights = rng.multinomial(P, np.full(P, 1 / P), size=n_boot)  # (n_boot, P)
+    replicates = np.einsum("bs,sp...,bp->b...", seed_weights, x, problem_weights) / (S * P)
+    low, high = np.percentile(replicates, [2.5, 97.5], axis=0)
+    return {"mean": x.mean((0, 1)).tolist(), "low": low.tolist(), "high": high.tolist()}
+
+
+def report(evals: dict, seed: int) -> dict:
+    """What results.json says about the models, from their evaluations ({model: [one per seed]}), which it keeps:
+    each model's measures with their intervals, the paired differences of PAIRS, the pooled backtrack rates, and the
+    thinking tokens each model needs to reach the base model's accuracy (a target fixed by neither RL arm)."""
+    per_model = {name: measures(e) for name, e in evals.items()}
+    summary = {name: {k: bootstrap(x, seed) for k, x in ms.items()} for name, ms in per_model.items()}
+    paired = {f"{a} - {b}": {k: bootstrap(per_model[a][k] - per_model[b][k], seed) for k in COMPARED}
+              for a, b in PAIRS}
+    budgets, target = evals["base"][0]["budgets"], summary["base"]["accuracy"]["mean"]
+    reach = {name: tokens_to_reach(budgets, s["budget_accuracy"]["mean"], target) for name, s in summary.items()}
+    return {"budgets": budgets, "summary": summary, "paired": paired,
+            "backtrack_rates": {name: {k: pooled_rate(e, k) for k in RATES} for name, e in evals.items()},
+            "tokens_to_reach_base_accuracy": {"target": target, **reach}, "per_problem": evals}
+
+
+def pooled_rate(evals: list[dict], key: str) -> float:
+    """A share pooled over all streams of all seeds, from [count, out of] pairs."""
+    count, total = np.sum([e[key] for e in evals], axis=0)
+    return count / max(1, total)
+
+
+def tokens_to_reach(budgets: list, accuracy: list, target: float):
+    """The smallest thinking budget at which the accuracy reaches `target` (None if it never does)."""
+    return next((b for b, a in zip(budgets, accuracy) if a >= target - 1e-9), None)
+
+
+def machine() -> str:
+    """What the numbers were measured on: they depend on it (another CPU draws other random numbers)."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, PyTorch {torch.__version__}"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, PyTorch {torch.__version__}"
+
+
+# ----------------------------------------------------------------------------- reporting
+def cell(s: dict, i=None, digits=3) -> str:
+    """`mean [low, high]`, with a * where the interval excludes 0 (only meaningful for a difference)."""
+    mean, low, high = (s[k] if i is None else s[k][i] for k in ("mean", "low", "high"))
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]" + ("*" if low > 0 or high < 0 else " ")
+
+
+def print_table(results: dict, cfg):
+    """The headline numbers: each model with its interval, then the paired differences."""
+    summary, budgets, K = results["summary"], results["budgets"], cfg.max_episodes
+    shown = [i for i, b in enumerate(budgets) if b in (0, 8, 16, 32) or i == len(budgets) - 1]
+    ks = [k for k in PASS_K if f"pass@{k}" in summary["base"]]
+    n_vote = len(summary["base"]["majority_vote"]["mean"])
+    print(f"\n{'model':<9}{'accuracy':>24}{'first attempt':>24}{'tokens':>7}{'episodes':>9}{'backtracks w/r':>16}"
+          + "".join(f"{'pass@' + str(k):>8}" for k in ks[1:]) + f"{'vote@' + str(n_vote):>8}")
+    for name, s in summary.items():
+        rates = results["backtrack_rates"][name]
+        print(f"{name:<9}{cell(s['accuracy']):>24}{cell(s['first_attempt_accuracy']):>24}"
+              f"{s['thinking_tokens']['mean']:>7.1f}{s['episodes']['mean']:>9.2f}"
+              f"{rates['backtrack_after_wrong_first']:>9.0%} /{rates['backtrack_after_right_first']:>4.0%}"
+              + "".join(f"{s['pass@' + str(k)]['mean']:>8.3f}" for k in ks[1:])
+              + f"{s['majority_vote']['mean'][-1]:>8.3f}")
+    print(f"(test problems: {results['test_problems']}, {cfg.eval_streams} streams each; RL seeds: {cfg.rl_seeds}; "
+          f"95% bootstrap intervals over problems and seeds; μ on {cfg.value_streams} streams per problem)")
+    rows = [("accuracy", "accuracy", None, 3), ("first-attempt accuracy", "first_attempt_accuracy", None, 3),
+            ("thinking tokens", "thinking_tokens", None, 1), (f"regret Δ_{K}", "regret", K - 1, 2),
+            ("Σ_B regret (budget grid)", "budget_regret", None, 2)]
+    rows += [(f"accuracy at B = {budgets[i]}", "budget_accuracy", i, 3) for i in shown]
+    print(f"\n{'paired difference':<26}" + "".join(f"{pair:>26}" for pair in results["paired"]))
+    for label, key, i, digits in rows:
+        print(f"{label:<26}" + "".join(f"{cell(d[key], i, digits):>26}" for d in results["paired"].values()))
+    print("(* the interval excludes 0: only there is a difference claimed; Δ and Σ_B regret against J(π*) = 1)")
+    reach = results["tokens_to_reach_base_accuracy"]
+    print(f"thinking tokens to reach the base model's accuracy ({reach['target']:.3f}): "
+          + ", ".join(f"{k} {v}" for k, v in reach.items() if k != "target"))
+
+
+def plot(results: dict, out_dir: str):
+    """accuracy vs thinking tokens, cumulative regret vs episodes, RL reward curves -> PNG (if matplotlib is here)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name, s in results["summary"].items():
+        line, = ax1.plot(results["budgets"], s["budget_accuracy"]["mean"], label=f"{name} (μ forced at B)")
+        ax1.fill_between(results["budgets"], s["budget_accuracy"]["low"], s["budget_accuracy"]["high"],
+                         color=line.get_color(), alpha=0.15)
+        k = np.arange(1, len(s["regret"]["mean"]) + 1)
+        ax2.plot(k, s["regret"]["mean"], label=name, color=line.get_color())
+        ax2.fill_between(k, s["regret"]["low"], s["regret"]["high"], color=line.get_color(), alpha=0.15)
+    base = results["summary"]["base"]
+    tokens = base["thinking_tokens"]["mean"]
+    votes = base["majority_vote"]["mean"]
+    ax1.plot([n * tokens for n in range(1, len(votes) + 1)], votes, "k--", marker=".", label="base, majority vote of n")
+    ks = [k for k in PASS_K if f"pass@{k}" in base]
+    ax1.plot([k * tokens for k in ks], [base[f"pass@{k}"]["mean"] for k in ks], "k:", marker="x",
+             label="base, pass@k (k streams)")
+    ax1.axvline(results["config"]["max_think"], color="gray", ls=":", lw=1, label="RL budget")
+    ax1.set(xlabel="thinking tokens", ylabel="accuracy", title="accuracy vs thinking tokens (95% intervals)")
+    ax2.set(xlabel="episodes k", ylabel="cumulative regret Δ_k  (J(π*) = 1)", title="cumulative regret")
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    for arm in ("outcome", "mrt"):
+        by_step = {r["step"]: r["reward"] for r in rows  # later runs in the same out-dir overwrite earlier ones
+                   if r.get("stage") == f"rl_{arm}" and r.get("seed") == results["config"]["seed"] and "reward" in r}
+        curve = [by_step[k] for k in sorted(by_step)]
+        smooth = [sum(curve[max(0, i - 9):i + 1]) / len(curve[max(0, i - 9):i + 1]) for i in range(len(curve))]
+        ax3.plot(smooth, label=arm)
+    ax3.set(xlabel="RL step", ylabel="train reward (moving mean of 10)", title="RL training (first seed)")
+    for ax in (ax1, ax2, ax3):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "results.png"), dpi=110)
+    plt.close(fig)
