@@ -5,6 +5,7 @@
 """
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -12,6 +13,8 @@ import time
 
 import torch
 
+import evaluation
+import mrt
 import tasks
 import train
 from model import autocast, generate
@@ -97,11 +100,33 @@ def bench_sampling(cfg, device, batch=128, new_tokens=48) -> dict:
             "identical_outputs": bool(torch.equal(outs[True].tokens, outs[False].tokens))}
 
 
+def bench_environment(cfg, device, out_dir, problems=128) -> dict:
+    """Sampling policy streams (temperature 1, KV cache) with the environment writing results and verdicts vs the
+    same model writing everything itself: what the forced-token path costs."""
+    model = load_warm(cfg, device, out_dir)[0]
+    seconds = {}
+    for calculator in (True, False):
+        task = dataclasses.replace(train.make_task(cfg), calculator=calculator)
+        batch = tasks.make_split(task, problems, 1, cfg.seed)[0]
+        gen = lambda: torch.Generator(device).manual_seed(0)
+        sample = lambda: mrt.sample_completions(model, task, batch, cfg.max_think, gen())
+        with autocast(device):
+            seconds[calculator] = timed(sample, 3, device)
+    return {"rows": problems, "with_env_s": seconds[True], "model_only_s": seconds[False],
+            "ratio": seconds[True] / seconds[False]}
+
+
+def load_warm(cfg, device, out_dir):
+    """The warm-start model of a finished train.py run in out_dir (realistic lengths), else an untrained one."""
+    path = os.path.join(out_dir, "warm.pt")
+    if os.path.exists(path):
+        return train.load_model(path, device), path
+    return train.new_model(cfg, device), "untrained (run train.py first for realistic lengths)"
+
+
 def bench_rl(cfg, device, out_dir) -> dict:
     """Wall time of one RL step with the MRT reward vs the outcome reward, from the same model and batch."""
-    path = os.path.join(out_dir, "warm.pt")
-    trained = os.path.exists(path)
-    model = train.load_model(path, device) if trained else train.new_model(cfg, device)
+    model, source = load_warm(cfg, device, out_dir)
     task = train.make_task(cfg)
     problems = [p for p in tasks.make_split(task, cfg.rl_prompts, 1, cfg.seed)[0] for _ in range(cfg.rl_group)]
     seconds = {}
@@ -111,8 +136,7 @@ def bench_rl(cfg, device, out_dir) -> dict:
         gen, meta_gen = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(1)
         step = lambda: train.rl_step(policy, optimizer, task, problems, cfg, arm, gen, meta_gen, device)
         seconds[arm] = timed(step, 3, device)
-    return {"model": path if trained else "untrained (run train.py first for realistic lengths)",
-            "outcome_step_s": seconds["outcome"], "mrt_step_s": seconds["mrt"],
+    return {"model": source, "outcome_step_s": seconds["outcome"], "mrt_step_s": seconds["mrt"],
             "ratio": seconds["mrt"] / seconds["outcome"]}
 
 
@@ -139,9 +163,10 @@ def main():
     if args.profile:
         return profile_training(cfg, device)
     peak = matmul_peak(device)
-    results = {"device": str(device), "machine": machine_name(device), "threads": torch.get_num_threads(),
+    results = {"device": str(device), "machine": evaluation.machine(), "threads": torch.get_num_threads(),
                "preset": args.preset, "matmul_peak_gflops": peak / 1e9,
                "training": bench_training(cfg, device, peak), "sampling": bench_sampling(cfg, device),
+               "environment": bench_environment(cfg, device, args.out_dir),
                "rl_step": bench_rl(cfg, device, args.out_dir), "pipeline_s": pipeline_times(args.out_dir)}
     with open("bench.json", "w") as f:
         json.dump(results, f, indent=1)
@@ -153,20 +178,13 @@ def main():
     print(f"{'sampling, KV cache':<34}{s['kv_cache_tokens_per_s']:>10.0f} tok/s")
     print(f"{'sampling, recompute prefix':<34}{s['recompute_tokens_per_s']:>10.0f} tok/s   speed-up "
           f"{s['speedup']:.1f}x, identical outputs: {s['identical_outputs']}")
+    e = results["environment"]
+    print(f"{'sampling with / without environment':<34}{e['with_env_s']:>10.2f} s / {e['model_only_s']:.2f} s   "
+          f"ratio {e['ratio']:.2f}x ({e['rows']} streams)")
     print(f"{'RL step outcome / MRT':<34}{r['outcome_step_s']:>10.2f} s / {r['mrt_step_s']:.2f} s   "
           f"ratio {r['ratio']:.2f}x")
     for stage, secs in results["pipeline_s"].items():
         print(f"{'pipeline: ' + stage:<34}{secs:>10.1f} s")
-
-
-def machine_name(device) -> str:
-    """The GPU's or the CPU's model name, for the record."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from model import autocast
 
 PASS_K = (1, 2, 4, 8)  # pass@k for these k (those up to --eval-streams)
 MAX_VOTE = 8  # majority votes of n = 1..MAX_VOTE streams
-PAIRS = [("mrt", "outcome"), ("outcome", "base"), ("mrt", "base")]  # paired differences a − b
 RATES = ["backtrack_after_wrong_first", "backtrack_after_right_first", "wrong_first_ending_on_target"]
 COMPARED = ["accuracy", "first_attempt_accuracy", "thinking_tokens", "regret", "budget_accuracy", "budget_regret"]
 
@@ -77,6 +76,9 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         "backtrack_after_right_first": pooled(backtracked, first_right),
         # A wrong z_0 whose last line still ends on the target *looks* solved: the model cannot see that it failed.
         "wrong_first_ending_on_target": pooled(column("ends_on_target"), 1 - first_right),
+        # Per problem: of the streams that backtracked after a wrong z_0, [how many ended right, how many there were].
+        "after_backtrack": np.stack([(right * backtracked * (1 - first_right)).sum(1),
+                                     (backtracked * (1 - first_right)).sum(1)], 1).astype(int).tolist(),
     }
 
 
@@ -149,17 +151,31 @@ def bootstrap(x: np.ndarray, seed: int = 0, n_boot: int = 2000) -> dict:
 
 def report(evals: dict, seed: int) -> dict:
     """What results.json says about the models, from their evaluations ({model: [one per seed]}), which it keeps:
-    each model's measures with their intervals, the paired differences of PAIRS, the pooled backtrack rates, and the
+    each model's measures with their intervals, the paired differences a − b of the RL arms with each other and with the
+    base model (seed s of one arm against seed s of another: the same data order), the pooled backtrack rates, and the
     thinking tokens each model needs to reach the base model's accuracy (a target fixed by neither RL arm)."""
     per_model = {name: measures(e) for name, e in evals.items()}
     summary = {name: {k: bootstrap(x, seed) for k, x in ms.items()} for name, ms in per_model.items()}
+    arms = [name for name in evals if name not in ("base", "warm")]
+    pairs = [(a, b) for i, b in enumerate(arms) for a in arms[i + 1:]] + [(a, "base") for a in arms]
     paired = {f"{a} - {b}": {k: bootstrap(per_model[a][k] - per_model[b][k], seed) for k in COMPARED}
-              for a, b in PAIRS}
+              for a, b in pairs}
     budgets, target = evals["base"][0]["budgets"], summary["base"]["accuracy"]["mean"]
     reach = {name: tokens_to_reach(budgets, s["budget_accuracy"]["mean"], target) for name, s in summary.items()}
     return {"budgets": budgets, "summary": summary, "paired": paired,
             "backtrack_rates": {name: {k: pooled_rate(e, k) for k in RATES} for name, e in evals.items()},
+            "after_backtrack": {name: after_backtrack(e, evals["base"][0]) for name, e in evals.items()},
             "tokens_to_reach_base_accuracy": {"target": target, **reach}, "per_problem": evals}
+
+
+def after_backtrack(evals: list[dict], base: dict) -> dict:
+    """Streams that backtracked after a wrong first attempt: how often they end right, against the base model's
+    accuracy (pass@1) on the same problems, each problem weighted by how many such streams it had."""
+    counts = np.sum([e["after_backtrack"] for e in evals], axis=0)  # (P, 2): [ended right, backtracked]
+    base_accuracy = np.array(base["successes"]) / base["streams"]
+    n = int(counts[:, 1].sum())
+    return {"streams": n, "accuracy": counts[:, 0].sum() / max(1, n),
+            "base_accuracy_same_problems": float(base_accuracy @ counts[:, 1]) / max(1, n)}
 
 
 def pooled_rate(evals: list[dict], key: str) -> float:
@@ -212,10 +228,15 @@ def print_table(results: dict, cfg):
             ("thinking tokens", "thinking_tokens", None, 1), (f"regret Δ_{K}", "regret", K - 1, 2),
             ("Σ_B regret (budget grid)", "budget_regret", None, 2)]
     rows += [(f"accuracy at B = {budgets[i]}", "budget_accuracy", i, 3) for i in shown]
-    print(f"\n{'paired difference':<26}" + "".join(f"{pair:>26}" for pair in results["paired"]))
-    for label, key, i, digits in rows:
-        print(f"{label:<26}" + "".join(f"{cell(d[key], i, digits):>26}" for d in results["paired"].values()))
+    pairs = list(results["paired"].items())
+    for block in range(0, len(pairs), 3):  # three pairs side by side
+        print(f"\n{'paired difference':<26}" + "".join(f"{pair:>26}" for pair, _ in pairs[block:block + 3]))
+        for label, key, i, digits in rows:
+            print(f"{label:<26}" + "".join(f"{cell(d[key], i, digits):>26}" for _, d in pairs[block:block + 3]))
     print("(* the interval excludes 0: only there is a difference claimed; Δ and Σ_B regret against J(π*) = 1)")
+    print("after a backtrack from a wrong first attempt, streams end right: " + ", ".join(
+        f"{k} {a['accuracy']:.3f} of {a['streams']} (base {a['base_accuracy_same_problems']:.3f} on those problems)"
+        for k, a in results["after_backtrack"].items() if a["streams"]))
     reach = results["tokens_to_reach_base_accuracy"]
     print(f"thinking tokens to reach the base model's accuracy ({reach['target']:.3f}): "
           + ", ".join(f"{k} {v}" for k, v in reach.items() if k != "target"))
@@ -248,7 +269,7 @@ def plot(results: dict, out_dir: str):
     ax1.set(xlabel="thinking tokens", ylabel="accuracy", title="accuracy vs thinking tokens (95% intervals)")
     ax2.set(xlabel="episodes k", ylabel="cumulative regret Δ_k  (J(π*) = 1)", title="cumulative regret")
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
-    for arm in ("outcome", "mrt"):
+    for arm in results["config"]["arms"].split(","):
         by_step = {r["step"]: r["reward"] for r in rows  # later runs in the same out-dir overwrite earlier ones
                    if r.get("stage") == f"rl_{arm}" and r.get("seed") == results["config"]["seed"] and "reward" in r}
         curve = [by_step[k] for k in sorted(by_step)]

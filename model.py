@@ -30,20 +30,25 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far: (n_layer, B, H, T_max, D) each."""
+    """Keys and values of every layer for the tokens seen so far: one (B, H, T_max, D) tensor per layer and kind (kept
+    apart per layer, so that attention reads one contiguous block: on a CPU, reading the cache is most of its time)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # tokens already stored
 
     def update(self, layer: int, k, v):
         """Store this step's keys/values for `layer` and return all of them so far."""
         end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def repeat_rows(self, n: int):
+        """Each row becomes n consecutive copies (the samples of one prompt share its prefill)."""
+        self.k, self.v = ([t.repeat_interleave(n, 0) for t in kv] for kv in (self.k, self.v))
 
 
 class CausalSelfAttention(nn.Module):
@@ -58,7 +63,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         if cache is not None:
-            k, v = cache.update(self.layer, k.to(cache.k.dtype), v.to(cache.v.dtype))
+            k, v = cache.update(self.layer, k.to(cache.k[0].dtype), v.to(cache.v[0].dtype))
         # mask=None means a plain causal batch; otherwise mask (B, 1, T, T_keys) says which keys each query sees.
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -140,6 +145,19 @@ def token_logprobs(model: GPT, idx, exclude=()):
     return torch.gather(F.log_softmax(logits, dim=-1), 2, idx[:, 1:, None]).squeeze(2)
 
 
+def completion_logprobs(model: GPT, prompts: list, completions: list, exclude=()):
+    """log p(y_t | x, y_<t) of every token of every completion, under grad: (B, T) with T the longest completion,
+    rows padded with 0 on the right. One forward pass over the prompt + completion rows, padded on the right."""
+    rows = [torch.as_tensor(p + c) for p, c in zip(prompts, completions)]
+    idx = pad_sequence(rows, batch_first=True, padding_value=0).to(model.wte.weight.device)
+    logprobs = token_logprobs(model, idx, exclude)  # (B, L-1): position t scores token t+1
+    n = torch.tensor([len(c) for c in completions], device=idx.device)
+    offsets = torch.arange(int(n.max()), device=idx.device)
+    starts = torch.tensor([len(p) - 1 for p in prompts], device=idx.device)  # scores the completion's first token
+    at = (starts[:, None] + offsets).clamp(max=logprobs.size(1) - 1)
+    return torch.gather(logprobs, 1, at).masked_fill(offsets >= n[:, None], 0.0)
+
+
 @dataclass
 class Generation:
     """What `generate` returns."""
@@ -175,13 +193,15 @@ def padded_causal_mask(valid):
 
 @torch.no_grad()
 def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_id: int, temperature=1.0,
-             top_k=None, forbid=(), generator=None, use_cache=True, samples=1) -> Generation:
+             top_k=None, forbid=(), generator=None, use_cache=True, samples=1, env=None) -> Generation:
     """Sample `samples` completions of every prompt (lists of ids) at once, stopping each row at `stop_id`.
 
     Rows come prompt by prompt: the samples of prompt i are rows i*samples .. (i+1)*samples - 1.
     `pad_id` is never drawn (it only fills rows that have stopped), nor is any id in `forbid`.
     With the KV cache the prompts are run once (prefill) and then one token per step for the whole batch;
     `use_cache=False` recomputes the whole prefix every step (same results, only there to measure and test against).
+    `env` (optional, e.g. `tasks.Environment`): after a row samples `env.trigger`, the ids `env.reply(row)` returns
+    are written into that row next, in place of samples (log-prob 0); the model reads them like any token.
     """
     device = model.wte.weight.device
     B = len(prompts)
@@ -199,19 +219,27 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
     if samples > 1:  # each prompt was run once; its samples start from copies of its row
         logits, idx, valid, positions = (t.repeat_interleave(samples, 0) for t in (logits, idx, valid, positions))
         if use_cache:
-            cache.k, cache.v = cache.k.repeat_interleave(samples, 1), cache.v.repeat_interleave(samples, 1)
+            cache.repeat_rows(samples)
         B *= samples
     seq, pos = idx, positions
     tokens, logprobs = [], []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    pending = torch.full((B, 1), -1, device=device)  # environment ids still to write, per row, left-aligned
+    forbid = (*forbid, pad_id)
     for t in range(max_new_tokens):
-        tok, lp = sample_next(logits, temperature, top_k, (*forbid, pad_id), generator)
+        tok, lp = sample_next(logits, temperature, top_k, forbid, generator)
+        written = pending[:, 0] >= 0
+        if env is not None:
+            tok, lp = torch.where(written, pending[:, 0], tok), lp.masked_fill(written, 0.0)
+            pending = torch.cat([pending[:, 1:], torch.full_like(pending[:, :1], -1)], 1)
         tok = tok.masked_fill(finished, pad_id)
         tokens.append(tok)
         logprobs.append(lp.masked_fill(finished, 0.0))
         finished = finished | (tok == stop_id)
         if t == max_new_tokens - 1 or (t % 8 == 7 and bool(finished.all())):  # check rarely: each check syncs a GPU
             break
+        if env is not None:
+            pending = environment_step(env, prompts, samples, tokens, (tok == env.trigger) & ~written, pending)
         next_pos = pos[:, -1:] + 1
         if use_cache:  # one new query; it may see every real key so far
             logits = model(tok[:, None], positions=next_pos, mask=valid[:, None, None, :L + t + 1], cache=cache)[:, -1]
@@ -221,3 +249,17 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
             logits = model(seq, positions=pos, mask=padded_causal_mask(valid[:, :seq.size(1)]))[:, -1]
     tokens, logprobs = torch.stack(tokens, 1), torch.stack(logprobs, 1)
     return Generation(tokens, logprobs, (tokens != pad_id).sum(1))
+
+
+def environment_step(env, prompts, samples, tokens, triggered, pending):
+    """Queue the environment's reply in every row that just sampled its trigger (only those rows leave the tensor)."""
+    rows = triggered.nonzero().squeeze(1).tolist()
+    if not rows:
+        return pending
+    so_far = torch.stack(tokens, 1)[rows].tolist()
+    replies = [env.reply(list(prompts[r // samples]) + row) for r, row in zip(rows, so_far)]
+    width = max(pending.size(1), max(map(len, replies)))
+    pending = torch.cat([pending, torch.full((pending.size(0), width - pending.size(1)), -1, device=pending.device)], 1)
+    for r, reply in zip(rows, replies):
+        pending[r, :len(reply)] = torch.tensor(reply, device=pending.device)
+    return pending

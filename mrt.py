@@ -15,21 +15,18 @@ from model import generate
 
 # ----------------------------------------------------------------------------- episodes
 def split_episodes(thinking: list[int]) -> list[list[int]]:
-    """Cut a thinking stream z into episodes [z_0, z_1, ...] at the backtrack markers.
+    """Cut a thinking stream z into episodes [z_0, z_1, ...] just before each <|backtrack|>.
 
-    An attempt is one episode; a backtrack episode is <|backtrack|> and the line that names the step it returns to.
-    Concatenating the episodes gives back the stream exactly; empty episodes are dropped.
+    z_0 is the first attempt; each later episode is a backtrack line (<|backtrack|> and the step it returns to) and
+    the attempt that follows it. Cutting before the backtrack, not after it, leaves no boundary at which μ would
+    have to answer right after a backtrack line, which it never learned to do. Concatenating the episodes gives back
+    the stream exactly; empty episodes are dropped.
     """
-    episodes, current, in_backtrack = [], [], False
+    episodes = [[]]
     for tok in thinking:
         if tok == tasks.BACKTRACK_ID:
-            episodes.append(current)
-            current, in_backtrack = [], True
-        current.append(tok)
-        if in_backtrack and tok == tasks.NEWLINE_ID:  # the backtrack line ends here; the next attempt begins
-            episodes.append(current)
-            current, in_backtrack = [], False
-    episodes.append(current)
+            episodes.append([])
+        episodes[-1].append(tok)
     return [e for e in episodes if e]
 
 
@@ -60,13 +57,16 @@ class MetaProver:
     chunk: int = 1024  # rows per generate() call: bounds the KV cache's memory
 
     def __call__(self, problems: list, contexts: list[list[int]], n_rollouts: int = 1) -> list[int]:
-        rewards, per_call = [], max(1, self.chunk // n_rollouts)
+        return self.answers(problems, contexts, n_rollouts)[1]
+
+    def answers(self, problems: list, contexts: list[list[int]], n_rollouts: int = 1):
+        """The n sampled answers of every context (token rows after <|answer|>, in order) and their 0/1 rewards."""
+        answers, per_call = [], max(1, self.chunk // n_rollouts)
         for i in range(0, len(contexts), per_call):
-            answers = complete(self.model, contexts[i:i + per_call], self.task.answer_tokens(), self.generator,
-                               self.temperature, n_rollouts, forbid=(tasks.BACKTRACK_ID,))
-            rows = [p for p in problems[i:i + per_call] for _ in range(n_rollouts)]
-            rewards += score_answers(self.task, rows, answers)
-        return rewards
+            answers += complete(self.model, contexts[i:i + per_call], self.task.answer_tokens(), self.generator,
+                                self.temperature, n_rollouts, forbid=(tasks.BACKTRACK_ID,),
+                                env=tasks.environment(self.task))
+        return answers, score_answers(self.task, [p for p in problems for _ in range(n_rollouts)], answers)
 
 
 def score_answers(task, problems, answers: list[list[int]]) -> list[int]:
@@ -79,11 +79,12 @@ def estimate_success(meta_prover, problems: list, contexts: list[list[int]], n_r
     """Monte Carlo J(μ | x, z_{0:j}) ≈ (1/n) Σ_i r(x, μ-rollout_i) for every (problem, context) pair.
 
     Identical pairs are estimated once, and all rollouts of all contexts go to μ as one batch (the n rollouts of one
-    context share its prefill in the KV cache).
+    context share its prefill in the KV cache), shortest contexts first.
     """
     unique = {}
     for p, c in zip(problems, contexts):
         unique.setdefault((p, tuple(c)), (p, c))
+    unique = dict(sorted(unique.items(), key=lambda kv: len(kv[1][1])))  # by length: a batch pads to its longest
     pairs = list(unique.values())
     rewards = meta_prover([p for p, _ in pairs], [c for _, c in pairs], n_rollouts)
     value = {k: sum(rewards[i * n_rollouts:(i + 1) * n_rollouts]) / n_rollouts for i, k in enumerate(unique)}
@@ -135,6 +136,21 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - rewards.mean(dim=1, keepdim=True)
 
 
+def prefix_advantages(rewards: torch.Tensor, n_answer_now: int, alpha: float) -> torch.Tensor:
+    """A_i = (r_i − r̄) + α · (r_i − Ĵ(μ | x, c)) for the G rollouts from one context c (the paper's RL form of
+    MRT); rewards (P, G), in each row first the `n_answer_now` rollouts of μ (answer now), then those that think on.
+
+    r̄ is the group mean (outcome RL's baseline) and Ĵ(μ | x, c) the answer-now rollouts' mean, a Monte Carlo
+    J(μ | x, c). For a rollout that keeps thinking, r_i − Ĵ is its progress over stopping at c: the bonus
+    r_prg with its context c drawn from the previous policy π' (the released code's A = r − r_termination).
+    With α = 0, or no answer-now rollouts, this is outcome RL's advantage on the prefixed contexts.
+    """
+    advantages = group_advantages(rewards)
+    if n_answer_now:
+        advantages = advantages + alpha * (rewards - rewards[:, :n_answer_now].mean(1, keepdim=True))
+    return advantages
+
+
 def token_advantages(outcome_advantage: float, episode_lengths: list[int], bonuses: list[float], alpha: float,
                      length: int) -> torch.Tensor:
     """Per-token credit of one completion of `length` tokens (episodes first, then the answer).
@@ -158,27 +174,29 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
 
 # ----------------------------------------------------------------------------- sampling and budget forcing
 def complete(model, contexts: list[list[int]], max_new_tokens: int, generator=None, temperature=1.0, samples=1,
-             forbid=()):
+             forbid=(), env=None):
     """`samples` sampled continuations of every context, all at once (consecutive per context), without pads;
-    at most `max_new_tokens` each, fewer where the longest context leaves less room in the model's block."""
+    at most `max_new_tokens` each, fewer where the longest context leaves less room in the model's block.
+    `env`: the task's environment (`tasks.environment`), which writes its tokens into the continuations."""
     room = model.config.block_size - max(map(len, contexts))
     if room < 1:
         raise ValueError(f"a context of {max(map(len, contexts))} tokens leaves no room to generate")
     gen = generate(model, contexts, min(max_new_tokens, room), tasks.EOS_ID, tasks.PAD_ID, temperature,
-                   forbid=forbid, generator=generator, samples=samples)
+                   forbid=(*forbid, *tasks.VERDICT_IDS), generator=generator, samples=samples, env=env)
     return [[t for t in row if t != tasks.PAD_ID] for row in gen.tokens.tolist()]
 
 
 def sample_completions(model, task, problems, max_new_tokens: int, generator=None, temperature=1.0, samples=1):
     """Prompts (token lists) and `samples` sampled completions per problem."""
     prompts = [tasks.encode(task.prompt(p)) for p in problems]
-    return prompts, complete(model, prompts, max_new_tokens, generator, temperature, samples)
+    return prompts, complete(model, prompts, max_new_tokens, generator, temperature, samples,
+                             env=tasks.environment(task))
 
 
 def budget_cut(thinking: list[int], budget: int) -> list[int]:
     """The first `budget` thinking tokens, less an unfinished last line (μ answers from complete lines only)."""
     cut = thinking[:budget]
-    while cut and cut[-1] != tasks.NEWLINE_ID:
+    while cut and cut[-1] not in (tasks.NEWLINE_ID, tasks.REACHED_ID, tasks.MISSED_ID):
         cut.pop()
     return cut
 
@@ -205,9 +223,11 @@ def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, 
 
 
 # ----------------------------------------------------------------------------- the backtracking warm-start
-def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, generator, rng) -> list[tasks.Trace]:
+def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, generator, rng,
+                 restart="best") -> list[tasks.Trace]:
     """The paper's warm-start recipe: sample z_0 from the base model; for a failed one, estimate by Monte Carlo the
-    success rate of restarting from each of its steps, and write the trace that backtracks to the best one."""
+    success rate of restarting from each of its steps, and write the trace that backtracks to the best one
+    (restart="scratch": to step 0, where a solution can leave z_0 there)."""
     prompts, firsts = sample_completions(model, task, problems, max_new_tokens, generator)
     traces, failed = [], {}
     for i, (p, comp) in enumerate(zip(problems, firsts)):
@@ -216,19 +236,26 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
             traces.append(tasks.Trace(p, attempt))
         else:
             failed[i] = attempt
-    jobs = [(i, k) for i, att in failed.items() for k in tasks.restart_steps(task, problems[i], att)]
+    def where_to_restart(i):  # the steps k worth trying; "scratch" keeps only k = 0 where it is one of them
+        steps = tasks.restart_steps(task, problems[i], failed[i])
+        return [0] if restart == "scratch" and 0 in steps else steps
+    jobs = [(i, k) for i in failed for k in where_to_restart(i)]
     kept_text = lambda i, k: tasks.steps_text(failed[i][:k])
     conts = complete(model, [prompts[i] + tasks.encode(kept_text(i, k)) for i, k in jobs], max_new_tokens,
-                     generator, samples=n_rollouts) if jobs else []
-    rates, rollouts = {}, {}
+                     generator, samples=n_rollouts, env=tasks.environment(task)) if jobs else []
+    rates, rollouts, misses = {}, {}, {}
     for (i, k), cont in zip([job for job in jobs for _ in range(n_rollouts)], conts):
         text = kept_text(i, k) + tasks.decode(cont)
         ok = tasks.verify(task, problems[i], text)
         rates.setdefault(i, {}).setdefault(k, 0.0)
         rates[i][k] += ok / n_rollouts
-        parsed = tasks.parse_output(text)
-        if ok and not parsed.backtracks and tasks.is_correct(task, problems[i], parsed.attempts[0]):
-            rollouts.setdefault(i, {}).setdefault(k, []).append(parsed.attempts[0])
+        attempt = tasks.parse_output(text).attempts[0]
+        solved = tasks.is_correct(task, problems[i], attempt)
+        if ok and solved:
+            rollouts.setdefault(i, {}).setdefault(k, []).append(attempt)
+        elif not solved and len(attempt) == task.n_numbers - 1:  # a whole attempt that missed: a failing retry
+            misses.setdefault(i, {}).setdefault(k, []).append(attempt)
     for i in sorted(rates):
-        traces.append(tasks.make_trace(task, problems[i], failed[i], rates[i], rollouts.get(i, {}), rng))
+        traces.append(tasks.make_trace(task, problems[i], failed[i], rates[i], rollouts.get(i, {}), rng,
+                                       misses.get(i, {})))
     return traces

@@ -1,15 +1,18 @@
-"""The world the model lives in: a character-level tokenizer, the search tasks, and their training text (solver
-solutions, arithmetic practice, backtracking traces).
+"""The world the model lives in: a character-level tokenizer, the search tasks, the environment that calculates and
+checks, and their training text (solver solutions, arithmetic practice, backtracking traces).
 
-One model output (everything after the prompt) has a single text format, shared by every stage:
+One model output (everything after the prompt) has a single text format, shared by every stage; `[...]` marks what
+the environment writes (the model writes the rest):
 
-    <|bos|>3 7 9:21\n                   prompt x: the numbers, then the target
-    9-7=2\n2*3=6\n                      attempt z_0: one step `a op b=c` per line
-    <|backtrack|>0\n                    backtrack episode z_1: keep the first 0 steps of the last attempt
-    7*3=21\n...                         attempt z_2: continues from the kept steps (they are not rewritten)
-    <|answer|>9*3=27\n27-7=20\n<|eos|>  the final, clean solution (all steps from the start)
+    <|bos|>3 7 9:20\n                   prompt x: the numbers, then the target
+    9-7=[2\n]2*3=[6\n][<|missed|>]        attempt z_0: one step `a op b=c` per line; the environment writes each
+                                         result c, and after the line that leaves one number, its verdict
+    <|backtrack|>0\n9*3=[27\n]...        episode z_1: keep the first 0 steps of the last attempt, then a new attempt
+    <|answer|>9*3=[27\n]27-7=[20\n]<|eos|>  the final, clean solution (all steps from the start)
 
-Everything before <|answer|> is the *thinking* stream; the verifier only scores the answer.
+Everything before <|answer|> is the *thinking* stream; the verifier only scores the answer. At this size the model
+cannot check its own arithmetic, so the environment does it, as unit tests do for a code model; its tokens are never
+sampled and never credited in RL. With `calculator=False` (train.py --model-only) the model writes everything.
 """
 import functools
 import itertools
@@ -21,8 +24,8 @@ import tiktoken
 
 # ----------------------------------------------------------------------------- tokenizer
 ALPHABET = "0123456789+-*/=: \n"
-SPECIALS = ["<|bos|>", "<|eos|>", "<|backtrack|>", "<|answer|>", "<|pad|>"]
-BOS, EOS, BACKTRACK, ANSWER, PAD = SPECIALS
+SPECIALS = ["<|bos|>", "<|eos|>", "<|backtrack|>", "<|answer|>", "<|pad|>", "<|reached|>", "<|missed|>"]
+BOS, EOS, BACKTRACK, ANSWER, PAD, REACHED, MISSED = SPECIALS
 _SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIALS))
 
 
@@ -35,8 +38,9 @@ def make_tokenizer() -> tiktoken.Encoding:
 
 
 TOKENIZER = make_tokenizer()
-BOS_ID, EOS_ID, BACKTRACK_ID, ANSWER_ID, PAD_ID = (TOKENIZER.encode_single_token(s) for s in SPECIALS)
-NEWLINE_ID = TOKENIZER.encode_single_token("\n")
+BOS_ID, EOS_ID, BACKTRACK_ID, ANSWER_ID, PAD_ID, REACHED_ID, MISSED_ID = map(TOKENIZER.encode_single_token, SPECIALS)
+NEWLINE_ID, EQUALS_ID = TOKENIZER.encode_single_token("\n"), TOKENIZER.encode_single_token("=")
+VERDICT_IDS = (REACHED_ID, MISSED_ID)  # only the environment writes these: the sampler never draws them
 VOCAB_SIZE = TOKENIZER.n_vocab
 
 
@@ -87,6 +91,7 @@ class NumberTask:
     n_numbers: int = 3
     max_number: int = 10
     max_target: int = 100
+    calculator: bool = True  # the environment writes results and verdicts (False: the model writes everything)
 
     def arrange(self, numbers) -> tuple:
         """The numbers as a state: sorted where their order does not matter."""
@@ -253,7 +258,7 @@ class Parsed:
 
 def parse_output(text: str) -> Parsed:
     """Take apart any completion (text after the prompt); never raises, however malformed or truncated."""
-    thinking, has_answer, answer = text.partition(ANSWER)
+    thinking, has_answer, answer = text.replace(REACHED, "").replace(MISSED, "").partition(ANSWER)
     chunks = thinking.split(BACKTRACK)
     attempts, backtracks = [_lines(chunks[0])], []
     for chunk in chunks[1:]:
@@ -313,8 +318,63 @@ def answer_key(task, lines) -> tuple:
 
 
 def steps_text(steps) -> str:
-    """Steps written one per line: the text of an attempt or of an answer."""
+    """Steps written one per line: the text of an answer, or of an attempt without its verdict."""
     return "".join(step + "\n" for step in steps)
+
+
+def attempt_text(task, problem, steps, kept: int = 0) -> str:
+    """The text of an attempt's steps after the `kept` steps it continues from, with the environment's verdict after
+    the line that leaves one number (n−1 steps in all)."""
+    verdict = (REACHED if is_correct(task, problem, steps) else MISSED) if len(steps) == task.n_numbers - 1 else ""
+    return steps_text(steps[kept:]) + (verdict if task.calculator else "")
+
+
+# ----------------------------------------------------------------------------- the environment
+OPERATION_RE = re.compile(r"(?:^|\n|>)([1-9]\d*)([-+*/])([1-9]\d*)=$")  # `a op b=` at the end of a completion
+
+
+def environment_reply(task, problem, completion: str) -> str:
+    """What the environment writes after the model's `a op b=` at the end of `completion` (the text so far): the
+    result (nothing where it is not a positive integer: the step is then malformed) and a newline; in the thinking,
+    after the line that leaves one number, also the verdict <|reached|> or <|missed|> (is the attempt a solution?)."""
+    m = OPERATION_RE.search(completion)
+    result = calculate(int(m[1]), m[2], int(m[3])) if m else None
+    reply = ("" if result is None else str(result)) + "\n"
+    if ANSWER not in completion:
+        attempt = parse_output(completion + reply).attempts[-1]
+        if len(attempt) == task.n_numbers - 1:
+            reply += REACHED if is_correct(task, problem, attempt) else MISSED
+    return reply
+
+
+def environment_mask(task, completion: list[int]) -> list[bool]:
+    """Which tokens of a completion the environment wrote: after each `=` up to the newline, and the verdicts. (The
+    environment never writes `=`, so this follows from the tokens alone.) All False without the calculator."""
+    mask, in_reply = [], False
+    for tok in completion:
+        mask.append(task.calculator and (in_reply or tok in VERDICT_IDS))
+        in_reply = (in_reply and tok != NEWLINE_ID) or (not in_reply and tok == EQUALS_ID)
+    return mask
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The environment as the sampler calls it: after a row samples `trigger` (`=`), the tokens `reply(row)` returns
+    are written next, in place of samples."""
+    task: NumberTask
+    trigger = EQUALS_ID
+
+    def reply(self, row: list[int]) -> list[int]:
+        """row: the prompt and the completion so far, without pads."""
+        prompt, _, completion = decode(row).partition("\n")
+        numbers, _, target = prompt.removeprefix(BOS).partition(":")
+        problem = self.task.arrange(map(int, numbers.split())), int(target)
+        return encode(environment_reply(self.task, problem, completion))
+
+
+def environment(task):
+    """The environment of a task, or None where the model writes everything."""
+    return Environment(task) if task.calculator else None
 
 
 # ----------------------------------------------------------------------------- training text and backtracking traces
@@ -333,10 +393,10 @@ def base_examples(task, problems, solutions_per_problem: int, cut_prob: float, p
         solutions = task.solutions(task.start(p), p[1])
         for steps in rng.sample(solutions, min(solutions_per_problem, len(solutions))):
             if rng.random() < cut_prob:
-                cut = steps_text(steps[:rng.randrange(len(steps))]) + ANSWER
+                cut = attempt_text(task, p, steps[:rng.randrange(len(steps))]) + ANSWER
                 out.append((p, [(cut, False), (steps_text(steps) + EOS, True)]))
             else:
-                out.append((p, [(steps_text(steps) + ANSWER + steps_text(steps) + EOS, True)]))
+                out.append((p, [(attempt_text(task, p, steps) + ANSWER + steps_text(steps) + EOS, True)]))
         for _ in range(practice_per_problem):
             moves_and_results = [step.split("=") for step in task.random_play(task.start(p), rng)]
             out.append((p, [(piece, learn) for move, result in moves_and_results
@@ -346,20 +406,24 @@ def base_examples(task, problems, solutions_per_problem: int, cut_prob: float, p
 
 @dataclass
 class Trace:
-    """One warm-start example: a first attempt z_0 and, if it failed, where to backtrack and the new attempt z_2."""
+    """One warm-start example: a first attempt z_0 and, if it failed, where to backtrack, sometimes a retry that
+    fails too (backtracked from in the same way), and the new attempt that solves the problem."""
     problem: tuple
     first_attempt: list  # z_0's steps
-    keep: int | None = None  # steps of z_0 the backtrack keeps (None: z_0 was right, no backtrack)
-    new_steps: list | None = None  # z_2's steps (after the kept prefix)
+    keep: int | None = None  # steps of z_0 each backtrack keeps (None: z_0 was right, no backtrack)
+    new_steps: list | None = None  # the solving attempt's steps (after the kept prefix)
+    retry: list | None = None  # a failed retry's steps (kept prefix included), or None
 
-    def pieces(self) -> list[tuple[str, bool]]:
-        """The SFT example as (text, learn) pieces: the loss skips a wrong z_0 (not something to imitate)."""
-        lines = steps_text
+    def pieces(self, task) -> list[tuple[str, bool]]:
+        """The SFT example as (text, learn) pieces: the loss skips the failed attempts (not something to imitate)
+        but learns every backtrack. A backtrack line opens the episode of the attempt after it."""
+        first = attempt_text(task, self.problem, self.first_attempt)
         if self.keep is None:
-            return [(lines(self.first_attempt) + ANSWER + lines(self.first_attempt) + EOS, True)]
-        z0, z1 = lines(self.first_attempt), f"{BACKTRACK}{self.keep}\n"
-        answer = lines(self.first_attempt[:self.keep] + self.new_steps) + EOS
-        return [(z0, False), (z1 + lines(self.new_steps) + ANSWER + answer, True)]
+            return [(first + ANSWER + steps_text(self.first_attempt) + EOS, True)]
+        back, steps = f"{BACKTRACK}{self.keep}\n", self.first_attempt[:self.keep] + self.new_steps
+        retry = [(back, True), (attempt_text(task, self.problem, self.retry, self.keep), False)] if self.retry else []
+        solve = back + attempt_text(task, self.problem, steps, self.keep) + ANSWER + steps_text(steps) + EOS
+        return [(first, False), *retry, (solve, True)]
 
 
 def restart_steps(task, problem, attempt) -> list[int]:
@@ -374,14 +438,17 @@ def other_solutions(task, problem, attempt, k) -> list[list[str]]:
     return [s for s in task.solutions(state, problem[1]) if s and (k >= len(attempt) or s[0] != attempt[k])]
 
 
-def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng: random.Random) -> Trace:
+def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng: random.Random, misses=None) -> Trace:
     """Backtrack to the step with the highest restart success rate (ties: keep more), then attempt anew.
 
     `rates[k]` is the Monte Carlo success rate of restarting after z_0's first k steps; `rollouts[k]` lists the
-    step lists of the base model's successful restarts. z_2 is one of those that leaves z_0 at step k, or else
-    a solver's solution that does.
+    step lists of the base model's successful restarts, `misses[k]` those of its whole restarts that missed. The
+    solving attempt is one of the successful restarts that leaves z_0 at step k, or else a solver's solution that
+    does; where a restart from k missed, half the traces first retry with it and backtrack again, so that the model
+    also learns what to do after a second miss.
     """
     keep = max(rates, key=lambda k: (rates[k], k))
     good = [s[keep:] for s in rollouts.get(keep, []) if keep >= len(attempt) or s[keep] != attempt[keep]]
     new_steps = good[0] if good else rng.choice(other_solutions(task, problem, attempt, keep))[keep:]
-    return Trace(problem, attempt, keep, new_steps)
+    retries = (misses or {}).get(keep, [])
+    return Trace(problem, attempt, keep, new_steps, retries[0] if retries and rng.random() < 0.5 else None)

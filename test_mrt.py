@@ -97,7 +97,7 @@ def test_arithmetic_practice_is_a_legal_line_of_play_learned_on_its_results_only
     assert tasks.valid_prefix(TASK, PROBLEM, play) == len(play) == 2
     assert "".join(text for text, learn in practice if learn) == "".join(s.split("=")[1] + "\n" for s in play)
     only = tasks.steps_text(["9*3=27", "27-7=20"])  # PROBLEM's one solution, learned whole
-    assert solution[1] == [(only + ANSWER + only + EOS, True)]
+    assert solution[1] == [(only + tasks.REACHED + ANSWER + only + EOS, True)]  # the environment's verdict: reached
 
 
 def test_sft_targets_are_only_the_learned_pieces():
@@ -106,6 +106,66 @@ def test_sft_targets_are_only_the_learned_pieces():
     assert decode(X[0, :prompt].tolist()) == TASK.prompt(PROBLEM)
     assert decode([y for y in Y[0].tolist() if y != -1]) == "9-7=" + EOS  # the result "2\n" carries no loss
     assert (Y[0, :prompt - 1] == -1).all()
+
+
+def test_environment_writes_results_and_the_verdict_of_the_last_step():
+    reply = lambda text: tasks.environment_reply(TASK, PROBLEM, text)
+    assert reply("9-7=") == "2\n"  # a result, then the line ends
+    assert reply("9-7=2\n2*3=") == "6\n" + tasks.MISSED  # the step that leaves one number: 6 is not 20
+    assert reply("9*3=27\n27-7=") == "20\n" + tasks.REACHED
+    assert reply("9*3=27\n27-7=20\n" + tasks.REACHED + ANSWER + "9*3=27\n27-7=") == "20\n"  # no verdict in the answer
+    assert reply("9-7=2\n2*3=6\n" + tasks.MISSED + BACKTRACK + "1\n2*3=") == "6\n" + tasks.MISSED  # kept 9-7=2
+    assert reply("7-9=") == "\n" and reply("9/2=") == "\n"  # not a positive integer: no result, a malformed step
+    assert reply("8*3=24\n24-4=") == "20\n" + tasks.MISSED  # right number, illegal steps (no 8, no 4): missed
+    assert tasks.environment(Countdown(3, 10, 100, calculator=False)) is None
+
+
+def test_environment_mask_marks_what_the_environment_wrote():
+    text = "9-7=2\n2*3=6\n" + tasks.MISSED + BACKTRACK + "0\n9*3=27\n"
+    mask = tasks.environment_mask(TASK, encode(text))
+    assert "".join(decode([t]) for t, m in zip(encode(text), mask) if m) == "2\n6\n" + tasks.MISSED + "27\n"
+    assert not any(tasks.environment_mask(Countdown(3, 10, 100, calculator=False), encode(text)))
+
+
+def test_sft_puts_no_loss_on_the_environments_tokens_unless_asked():
+    text = "9*3=27\n27-7=20\n" + tasks.REACHED + ANSWER + "9*3=27\n27-7=20\n" + EOS
+    targets = lambda **kw: decode([y for y in train.sft_tensors(TASK, [(PROBLEM, [(text, True)])], 64, **kw)[1][0]
+                                   .tolist() if y != -1])
+    assert targets() == "9*3=27-7=" + ANSWER + "9*3=27-7=" + EOS
+    assert targets(env_loss=True) == text
+
+
+def test_sampler_writes_the_environments_tokens_where_they_belong_and_never_samples_them():
+    problems = tasks.make_split(TASK, 10, 8, seed=0)[1]
+    _, completions = mrt.sample_completions(tiny_model(block_size=128), TASK, problems, 60,
+                                            torch.Generator().manual_seed(0), samples=8)
+    replies = 0
+    for p, c in zip([p for p in problems for _ in range(8)], completions):
+        text = [decode([t]) for t in c]
+        mask = tasks.environment_mask(TASK, c)
+        for i, tok in enumerate(c):
+            if tok == tasks.EQUALS_ID and not mask[i]:  # the model wrote `=`: the environment's reply follows
+                reply = tasks.environment_reply(TASK, p, "".join(text[:i + 1]))
+                assert "".join(text[i + 1:i + 1 + len(encode(reply))]) == reply[:len("".join(text[i + 1:]))]
+                replies += 1
+            if tok in tasks.VERDICT_IDS:
+                assert mask[i]  # verdicts only where the environment wrote them
+    assert replies > 20
+
+
+def test_rl_credits_only_the_tokens_the_policy_wrote(monkeypatch):
+    seen, sample, loss = {}, mrt.sample_completions, mrt.reinforce_loss
+    monkeypatch.setattr(mrt, "sample_completions", lambda *a, **k: seen.setdefault("sampled", sample(*a, **k)))
+    monkeypatch.setattr(mrt, "reinforce_loss", lambda lp, adv, mask: seen.setdefault("mask", mask) is not None
+                        and loss(lp, adv, mask))
+    model, cfg = tiny_model(block_size=128), train.Config(rl_prompts=2, rl_group=4, max_think=40)
+    problems = [p for p in tasks.make_split(TASK, 2, 1, seed=0)[0] for _ in range(4)]
+    train.rl_step(model, torch.optim.AdamW(model.parameters()), TASK, problems, cfg, "mrt", torch.Generator(),
+                  torch.Generator(), torch.device("cpu"))
+    completions, mask = seen["sampled"][1], seen["mask"]
+    assert any(any(tasks.environment_mask(TASK, c)) for c in completions)
+    for c, row in zip(completions, mask.tolist()):
+        assert row == [float(not env) for env in tasks.environment_mask(TASK, c)] + [0.0] * (len(row) - len(c))
 
 
 def test_chain_task_combines_numbers_left_to_right():
@@ -191,14 +251,34 @@ BT, NL = tasks.BACKTRACK_ID, tasks.NEWLINE_ID
 def test_split_episodes_on_hand_written_streams():
     attempt, other = encode("9-7=2\n2*3=6\n"), encode("9*3=27\n27-7=20\n")
     assert mrt.split_episodes(attempt) == [attempt]
-    assert mrt.split_episodes(attempt + [BT] + encode("0\n") + other) == [attempt, [BT] + encode("0\n"), other]
+    # the backtrack line opens the episode of the attempt after it
+    assert mrt.split_episodes(attempt + [BT] + encode("0\n") + other) == [attempt, [BT] + encode("0\n") + other]
     two = attempt + [BT] + encode("1\n") + encode("6*3=18\n") + [BT] + encode("0\n") + other
-    assert len(mrt.split_episodes(two)) == 5
-    assert mrt.split_episodes([BT, BT] + encode("1\n")) == [[BT], [BT] + encode("1\n")]  # malformed: empty attempt dropped
+    assert len(mrt.split_episodes(two)) == 3
+    assert mrt.split_episodes([BT, BT] + encode("1\n")) == [[BT], [BT] + encode("1\n")]  # malformed
     assert mrt.split_episodes(attempt + [BT] + encode("1")) == [attempt, [BT] + encode("1")]  # truncated
     assert mrt.split_episodes([]) == []
     for stream in (two, attempt + [BT]):
         assert [t for e in mrt.split_episodes(stream) for t in e] == stream
+
+
+def test_J_after_a_backtrack_on_a_hand_built_stream():
+    """z_0 misses, z_1 = backtrack line + a right attempt. μ is asked to answer after x, after z_0 and after z_{0:1},
+    never right after a backtrack line; a μ that copies the last attempt gives J = 0, 0, 1: progress 0, then +1."""
+    z0 = encode("9-7=2\n2*3=6\n" + tasks.MISSED)
+    z1 = encode(BACKTRACK + "0\n9*3=27\n27-7=20\n" + tasks.REACHED)
+    prompt = encode(TASK.prompt(PROBLEM))
+    seen = []
+
+    def copying_meta_prover(problems, contexts, n):
+        seen.extend(contexts)
+        return [verify(TASK, p, ANSWER + tasks.steps_text(parse_output(decode(c[len(prompt):-1])).attempts[-1]) + EOS)
+                for p, c in zip(problems, contexts) for _ in range(n)]
+
+    episodes = mrt.split_episodes(z0 + z1)
+    values = mrt.episode_values(copying_meta_prover, [PROBLEM], [prompt], [episodes], 2)[0]
+    assert episodes == [z0, z1] and values == [0.0, 0.0, 1.0] and mrt.progress_bonus(values) == [0.0, 1.0]
+    assert all(c[-2] in (tasks.NEWLINE_ID, *tasks.VERDICT_IDS) and c[-1] == tasks.ANSWER_ID for c in seen)
 
 
 def test_progress_bonus_is_difference_of_successive_J():
@@ -227,6 +307,27 @@ def test_mrt_reduces_to_the_backtracking_recipe():
     r, alpha = 1.0, 0.5
     adv = mrt.token_advantages(r, [0, 6], bonus, alpha, length=6)  # z_0 is context: zero tokens to credit
     assert adv.tolist() == pytest.approx([r + alpha * (0.6 - 0.1)] * 6)
+
+
+def test_prefix_advantage_is_the_outcome_advantage_plus_progress_over_answering_now():
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 1.0]])  # answer now: 1, 0 (Ĵ(μ|x,c) = 0.5); keep thinking: 1, 1; r̄ = 0.75
+    expected = [(1 - 0.75) + 2 * (1 - 0.5), (0 - 0.75) + 2 * (0 - 0.5), (1 - 0.75) + 2 * 0.5, (1 - 0.75) + 2 * 0.5]
+    assert mrt.prefix_advantages(rewards, 2, alpha=2.0)[0].tolist() == pytest.approx(expected)
+    outcome = mrt.group_advantages(rewards).tolist()  # α = 0, or no answer-now rollouts: outcome RL
+    assert mrt.prefix_advantages(rewards, 2, alpha=0.0).tolist() == outcome == mrt.prefix_advantages(rewards, 0, 2.0).tolist()
+
+
+def test_prefix_arm_trains_on_its_rollouts_from_the_cut_streams_only():
+    model, cfg = tiny_model(block_size=128), train.Config(rl_prompts=2, rl_group=4, max_think=40)
+    problems = [p for p in tasks.make_split(TASK, 2, 1, seed=0)[0] for _ in range(4)]
+    contexts, completions, credit, _ = train.prefix_rollouts(model, TASK, problems, cfg, "mrt_prefix",
+                                                             torch.Generator().manual_seed(0),
+                                                             torch.Generator().manual_seed(1))
+    assert len(contexts) == len(completions) == len(credit) == 8  # rl_group rollouts per problem
+    for i, (c, y, a) in enumerate(zip(contexts, completions, credit)):
+        problem = problems[::4][i // 2 % 2]  # answer-now rollouts first (2 per problem), then those that think on
+        assert c[:len(encode(TASK.prompt(problem)))] == encode(TASK.prompt(problem))
+        assert (c[-1] == tasks.ANSWER_ID) == (i < 4) and len(a) == len(y)  # credit: the rollout's own tokens
 
 
 def test_group_advantage_subtracts_the_group_mean():
@@ -279,12 +380,21 @@ def test_warmstart_trace_backtracks_to_the_best_step_and_verifies():
     attempt = ["9-7=2", "3*2=6"]
     trace = tasks.make_trace(TASK, PROBLEM, attempt, {0: 0.5, 1: 0.0}, {}, random.Random(0))
     assert trace.keep == 0
-    text = "".join(piece for piece, _ in trace.pieces())
+    text = "".join(piece for piece, _ in trace.pieces(TASK))
     assert verify(TASK, PROBLEM, text) == 1
-    assert trace.pieces()[0] == (tasks.steps_text(attempt), False)  # no loss on the wrong first attempt
+    assert trace.pieces(TASK)[0] == (tasks.steps_text(attempt) + tasks.MISSED, False)  # no loss on the wrong z_0
+    assert BACKTRACK + "0\n" in text and text.count(tasks.REACHED) == 1  # the new attempt reaches the target
     parsed = parse_output(text)
     z0, z2 = parsed.attempts
     assert z0 == attempt and z0[:trace.keep] == z2[:trace.keep] and z0[trace.keep] != z2[trace.keep]
+
+
+def test_a_trace_with_a_failed_retry_learns_both_backtracks_and_neither_failure():
+    trace = tasks.Trace(PROBLEM, ["9-7=2", "3*2=6"], keep=0, new_steps=["9*3=27", "27-7=20"], retry=["9+7=16", "16+3=19"])
+    back = BACKTRACK + "0\n"
+    assert trace.pieces(TASK) == [("9-7=2\n3*2=6\n" + tasks.MISSED, False), (back, True),
+                                  ("9+7=16\n16+3=19\n" + tasks.MISSED, False),
+                                  (back + "9*3=27\n27-7=20\n" + tasks.REACHED + ANSWER + "9*3=27\n27-7=20\n" + EOS, True)]
 
 
 def test_no_backtrack_target_where_the_kept_steps_already_solve_it():
@@ -300,11 +410,15 @@ def test_warmstart_builder_with_a_model_makes_valid_traces():
                               random.Random(0))
     assert traces
     for t in traces:
-        text = "".join(piece for piece, _ in t.pieces())
+        text = "".join(piece for piece, _ in t.pieces(TASK))
         assert verify(TASK, t.problem, text) == 1
         if t.keep is not None:
-            z0, z2 = parse_output(text).attempts
-            assert z0[:t.keep] == z2[:t.keep] and (t.keep >= len(z0) or z0[t.keep] != z2[t.keep])
+            attempts = parse_output(text).attempts
+            z0, last = attempts[0], attempts[-1]
+            assert len(attempts) == 2 + (t.retry is not None)
+            assert text.count(tasks.MISSED) == sum(len(a) == 2 for a in attempts[:-1])  # whole attempts get a verdict
+            assert z0[:t.keep] == last[:t.keep] and (t.keep >= len(z0) or z0[t.keep] != last[t.keep])
+    assert any(t.retry for t in traces)  # some traces miss twice before they solve it
 
 
 # ----------------------------------------------------------------------------- evaluation

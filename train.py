@@ -18,12 +18,13 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import evaluation
 import mrt
 import tasks
-from model import GPT, GPTConfig, autocast, token_logprobs
+from model import GPT, GPTConfig, autocast, completion_logprobs
 
 
 def opt(default, help, low=None):
@@ -54,6 +55,9 @@ class Config:
     cut_prob: float = opt(0.25, "share of base examples whose thinking is cut short before <|answer|> (teaches μ)", 0)
     practice_per_problem: int = opt(0, "random lines of play per problem, loss on the results only (arithmetic "
                                        "practice)", 0)
+    model_only: bool = opt(False, "no environment: the model writes each step's result and gets no verdict (the "
+                                  "format before the environment)")
+    env_loss: bool = opt(False, "supervised stages also put loss on the tokens the environment writes")
     eval_every: int = opt(200, "steps between held-out evaluations while pretraining (0: never)", 0)
     # stage 2: backtracking warm-start
     warm_problems: int = opt(100_000, "training problems whose first attempts become warm-start traces (capped by "
@@ -61,7 +65,12 @@ class Config:
     warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step", 1)
     warm_steps: int = opt(300, "warm-start SFT steps", 0)
     warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
+    restart: str = opt("best", "where a trace backtracks to after a failed z_0: best (the step whose Monte Carlo "
+                               "restarts succeed most, the paper's recipe) or scratch (step 0)")
     # stage 3: RL
+    arms: str = opt("outcome,mrt", "RL arms, comma-separated: outcome (0/1 reward), mrt (+ each "
+                                              "episode's progress bonus) and mrt_prefix (the paper's RL form: prefixes "
+                                              "of the previous policy, answer now vs keep thinking)")
     rl_steps: int = opt(40, "REINFORCE steps per arm", 0)
     rl_prompts: int = opt(16, "problems per RL step", 1)
     rl_group: int = opt(8, "samples per problem (the group of the baseline)", 1)
@@ -72,7 +81,7 @@ class Config:
     rl_seeds: int = opt(3, "RL seeds (each runs both arms from the same warm start)", 1)
     # evaluation
     eval_streams: int = opt(16, "sampled streams per test problem (accuracy, pass@k, majority vote, tokens)", 1)
-    value_streams: int = opt(4, "of those, streams per problem that μ scores (J, regret, budget-forced accuracy)", 1)
+    value_streams: int = opt(2, "of those, streams per problem that μ scores (J, regret, budget-forced accuracy)", 1)
     eval_rollouts: int = opt(4, "meta-prover rollouts per prefix at evaluation", 1)
     max_episodes: int = opt(5, "episodes K of the J and regret curves", 1)
     budget_step: int = opt(8, "spacing of the token-budget grid of budget-forced accuracy", 1)
@@ -95,7 +104,8 @@ PRESETS = {
                 warm_problems=4096, rl_steps=200, rl_prompts=32, max_think=128, n_test=1000, lr=1e-3),
     "smoke": dict(n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
                   warm_problems=32, warm_rollouts=2, warm_steps=10, rl_steps=2, rl_prompts=4, rl_group=4,
-                  mc_rollouts=2, rl_seeds=1, eval_streams=4, value_streams=2, eval_rollouts=1, max_episodes=3,
+                  mc_rollouts=2, rl_seeds=1, arms="outcome,mrt,mrt_prefix", eval_streams=4, value_streams=2,
+                  eval_rollouts=1, max_episodes=3,
                   budget_step=16, snapshot_every=5),
 }
 
@@ -141,6 +151,10 @@ def check_config(cfg: Config):
                                                f"({cfg.eval_streams})"),
         (cfg.n_embd % cfg.n_head, f"--n-embd ({cfg.n_embd}) must be a multiple of --n-head ({cfg.n_head})"),
         (cfg.task not in tasks.TASKS, f"--task must be one of {', '.join(tasks.TASKS)}, got {cfg.task!r}"),
+        (cfg.restart not in ("best", "scratch"), f"--restart must be best or scratch, got {cfg.restart!r}"),
+        (not set(cfg.arms.split(",")) <= set(ARMS), f"--arms must name some of {', '.join(ARMS)}, got {cfg.arms!r}"),
+        ("mrt_prefix" in cfg.arms and cfg.rl_group < 2, "--arms mrt_prefix needs --rl-group >= 2 (answer now and "
+                                                        "keep thinking)"),
     ]
     for broken, message in rules:
         if broken:
@@ -177,7 +191,7 @@ def prepare_out_dir(path: str):
 
 def make_task(cfg: Config):
     """The task object the options describe."""
-    return tasks.TASKS[cfg.task](cfg.n_numbers, cfg.max_number, cfg.max_target)
+    return tasks.TASKS[cfg.task](cfg.n_numbers, cfg.max_number, cfg.max_target, calculator=not cfg.model_only)
 
 
 def new_model(cfg: Config, device) -> GPT:
@@ -190,18 +204,20 @@ def new_model(cfg: Config, device) -> GPT:
 STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "base": ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
              "block_size", "seed", "base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob",
-             "practice_per_problem"],
-    "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "max_think"],  # traces: max_think long
-    "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],
+             "practice_per_problem", "model_only", "env_loss"],
+    "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "max_think", "restart"],  # max_think: traces
+    "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
     "mrt": ["alpha", "mc_rollouts"],
+    "mrt_prefix": ["alpha"],
 }
+ARMS = ["outcome", "mrt", "mrt_prefix"]
 
 
 def stage_config(cfg: Config, stage: str) -> dict:
-    """The options a stage's result depends on (each stage builds on the ones before it)."""
-    order = ["base", "warm", "outcome", "mrt"]
-    names = [n for s in order[:order.index(stage) + 1] for n in STAGE_FIELDS[s]]
-    return {n: getattr(cfg, n) for n in names}
+    """The options a stage's result depends on: the warm-start builds on the base model, an RL arm on both and on
+    the options every arm shares (listed under "outcome"), then on its own."""
+    chain = {"base": ["base"], "warm": ["base", "warm"]}.get(stage, ["base", "warm", "outcome", stage])
+    return {n: getattr(cfg, n) for s in dict.fromkeys(chain) for n in STAGE_FIELDS[s]}
 
 
 def load_checkpoint(path: str, device) -> dict:
@@ -271,13 +287,16 @@ class Checkpoint:
 
 
 # ----------------------------------------------------------------------------- supervised stages
-def sft_tensors(task, examples, block_size: int):
+def sft_tensors(task, examples, block_size: int, env_loss: bool = False):
     """Inputs X and targets Y (N, T) from (problem, pieces) examples; Y is -1 (no loss) on the prompt, on pieces
-    with learn=False and on the padding."""
+    with learn=False, on the padding and, unless `env_loss`, on the tokens the environment writes."""
     rows = []
     for p, pieces in examples:
         parts = [(tasks.encode(task.prompt(p)), False)] + [(tasks.encode(text), learn) for text, learn in pieces]
-        rows.append(([i for ids, _ in parts for i in ids], [learn for ids, learn in parts for _ in ids]))
+        ids, learn = [i for ids, _ in parts for i in ids], [learn for ids, learn in parts for _ in ids]
+        if not env_loss:  # the model never writes the environment's tokens: nothing to learn there
+            learn = [keep and not env for keep, env in zip(learn, tasks.environment_mask(task, ids))]
+        rows.append((ids, learn))
     T = max(len(ids) for ids, _ in rows) - 1
     if T > block_size:
         raise UserError(f"training sequences reach {T} tokens: raise --block-size above it")
@@ -359,44 +378,78 @@ def greedy_accuracy(model, task, problems, cfg) -> float:
 
 # ----------------------------------------------------------------------------- RL: outcome vs MRT
 def rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device) -> dict:
-    """One on-policy REINFORCE step on a group of samples per problem; returns the numbers to log.
+    """One on-policy REINFORCE step on a group of rollouts per problem; returns the numbers to log.
 
     The policy samples with `gen` and μ with `meta_gen`: μ's draws never shift the policy's, so with α = 0 the MRT
     arm takes exactly the outcome arm's steps.
     """
     model.eval()
     with autocast(device):
-        prompts, completions = mrt.sample_completions(model, task, problems, cfg.max_think, gen)
+        rollouts = prefix_rollouts if arm == "mrt_prefix" else stream_rollouts
+        contexts, completions, credit, row = rollouts(model, task, problems, cfg, arm, gen, meta_gen)
+    # Credit the tokens the policy wrote, each with its advantage; the environment's tokens get none (never sampled).
+    written = pad_sequence([torch.tensor([not e for e in tasks.environment_mask(task, c)], dtype=torch.float)
+                            for c in completions], batch_first=True)
+    model.train()
+    with autocast(device):
+        logprobs = completion_logprobs(model, contexts, completions, exclude=(tasks.PAD_ID, *tasks.VERDICT_IDS))
+        loss = mrt.reinforce_loss(logprobs, pad_sequence(credit, batch_first=True).to(device), written.to(device))
+    optimizer_step(model, optimizer, loss, arm)
+    return {**row, "loss": loss.item()}
+
+
+def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen):
+    """Outcome RL and MRT: rl_group whole streams per problem, every token credited with the outcome advantage; MRT
+    adds to each token α times its own episode's progress bonus, from μ = the current policy forced to answer."""
+    prompts, completions = mrt.sample_completions(model, task, problems, cfg.max_think, gen)
     rewards = torch.tensor([tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)],
                            dtype=torch.float)
     advantages = mrt.group_advantages(rewards.view(cfg.rl_prompts, cfg.rl_group)).flatten()
     episodes = [mrt.split_episodes(mrt.split_completion(c)[0]) for c in completions]
     bonuses = [[0.0] * len(e) for e in episodes]
-    if arm == "mrt":  # the progress bonus of every episode, from μ = the current policy forced to answer
-        meta = mrt.MetaProver(model, task, generator=meta_gen)
-        with autocast(device):
-            values = mrt.episode_values(meta, problems, prompts, episodes, cfg.mc_rollouts)
+    if arm == "mrt":
+        values = mrt.episode_values(mrt.MetaProver(model, task, generator=meta_gen), problems, prompts, episodes,
+                                    cfg.mc_rollouts)
         bonuses = [mrt.progress_bonus(v) for v in values]
-    # Recompute log π(y_t) under grad: prompt + completion per row, padded on the right (plain causal attention).
-    rows = [torch.tensor(p + c) for p, c in zip(prompts, completions)]
-    idx = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tasks.PAD_ID).to(device)
-    credit = torch.zeros(idx.shape[0], idx.shape[1] - 1)
-    mask = torch.zeros_like(credit)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        span = slice(len(p) - 1, len(p) - 1 + len(c))  # the positions whose next token is one of the completion's
-        lengths = [len(e) for e in episodes[i]]
-        credit[i, span] = mrt.token_advantages(advantages[i], lengths, bonuses[i], cfg.alpha, len(c))
-        mask[i, span] = 1
-    model.train()
-    with autocast(device):
-        logprobs = token_logprobs(model, idx, exclude=(tasks.PAD_ID,))
-        loss = mrt.reinforce_loss(logprobs, credit.to(device), mask.to(device))
-    optimizer_step(model, optimizer, loss, arm)
+    credit = [mrt.token_advantages(a, [len(e) for e in eps], b, cfg.alpha, len(c))
+              for a, eps, b, c in zip(advantages, episodes, bonuses, completions)]
     flat = [b for bs in bonuses for b in bs]
-    return {"reward": rewards.mean().item(), "loss": loss.item(),
-            "tokens": sum(len(mrt.split_completion(c)[0]) for c in completions) / len(completions),
-            "episodes": sum(map(len, episodes)) / len(episodes),
-            "progress": sum(flat) / len(flat) if arm == "mrt" and flat else None}
+    return prompts, completions, credit, {
+        "reward": rewards.mean().item(), "tokens": sum(len(mrt.split_completion(c)[0]) for c in completions) / len(
+            completions), "episodes": sum(map(len, episodes)) / len(episodes),
+        "progress": sum(flat) / len(flat) if arm == "mrt" and flat else None}
+
+
+def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen):
+    """MRT in the paper's RL form. Per problem, a stream from π' (the policy as this step starts) cut after a random
+    number j of episodes is the context c = x, z_{0:j-1}; from c, rl_group // 2 rollouts answer now (μ) and the
+    others keep thinking (up to max_think more tokens). Each is credited with `mrt.prefix_advantages`, on its own
+    tokens only: c is not credited."""
+    unique = problems[::cfg.rl_group]
+    prompts, streams = mrt.sample_completions(model, task, unique, cfg.max_think, gen)
+    contexts = []
+    for prompt, stream in zip(prompts, streams):
+        episodes = mrt.split_episodes(mrt.split_completion(stream)[0])
+        j = int(torch.randint(max(1, len(episodes)), (), generator=meta_gen))  # 0 .. k-1 episodes kept
+        contexts.append(prompt + [t for e in episodes[:j] for t in e])
+    n_answer, n_think = cfg.rl_group // 2, cfg.rl_group - cfg.rl_group // 2
+    answers, answer_rewards = mrt.MetaProver(model, task, generator=meta_gen).answers(
+        unique, [c + [tasks.ANSWER_ID] for c in contexts], n_answer)
+    thoughts = mrt.complete(model, contexts, cfg.max_think, gen, samples=n_think, env=tasks.environment(task))
+    whole = [contexts[i // n_think][len(prompts[i // n_think]):] + t for i, t in enumerate(thoughts)]  # c's z + rollout
+    thought_rewards = [tasks.verify(task, unique[i // n_think], tasks.decode(s)) for i, s in enumerate(whole)]
+    rewards = torch.cat([torch.tensor(answer_rewards, dtype=torch.float).view(-1, n_answer),
+                         torch.tensor(thought_rewards, dtype=torch.float).view(-1, n_think)], 1)  # (P, G)
+    advantages = mrt.prefix_advantages(rewards, n_answer, cfg.alpha)
+    rows = [(contexts[i // n_answer] + [tasks.ANSWER_ID], y, advantages[i // n_answer, i % n_answer])
+            for i, y in enumerate(answers)]
+    rows += [(contexts[i // n_think], y, advantages[i // n_think, n_answer + i % n_think])
+             for i, y in enumerate(thoughts)]
+    thinking = [mrt.split_completion(s)[0] for s in whole]
+    return [c for c, _, _ in rows], [y for _, y, _ in rows], [torch.full((len(y),), float(a)) for _, y, a in rows], {
+        "reward": rewards[:, n_answer:].mean().item(), "answer_now": rewards[:, :n_answer].mean().item(),
+        "tokens": sum(map(len, thinking)) / len(thinking),
+        "episodes": sum(len(mrt.split_episodes(t)) for t in thinking) / len(thinking)}
 
 
 def train_rl(model, task, train, cfg, arm, seed, device, log, checkpoint):
@@ -456,7 +509,7 @@ def run(cfg: Config) -> dict:
         torch.manual_seed(cfg.seed)
         model = new_model(cfg, device)
         print(f"model: {model.num_params() / 1e6:.2f}M parameters")
-        X, Y = sft_tensors(task, examples(train, rng("base")), cfg.block_size)
+        X, Y = sft_tensors(task, examples(train, rng("base")), cfg.block_size, cfg.env_loss)
         evaluate_now = lambda m: greedy_accuracy(m, task, test, cfg)
         return train_sft(model, X, Y, cfg.base_steps, cfg.lr, cfg, device, torch_gen("base"), "base", log, checkpoint,
                          evaluate_now)
@@ -466,21 +519,22 @@ def run(cfg: Config) -> dict:
         base.eval()
         with autocast(device):
             traces = mrt.build_traces(base, task, r.sample(train, min(cfg.warm_problems, len(train))),
-                                      cfg.warm_rollouts, cfg.max_think, gen, r)
+                                      cfg.warm_rollouts, cfg.max_think, gen, r, cfg.restart)
         backtracks = sum(t.keep is not None for t in traces)
         print(f"warm-start: {len(traces)} traces, {backtracks} backtrack after a failed first attempt")
         log(stage="warm", traces=len(traces), backtrack_traces=backtracks)
         # Replay base examples too (one problem's worth per `solutions_per_problem` traces): keeps the skills and μ.
         replay = examples(r.sample(train, min(len(train), max(1, len(traces) // cfg.solutions_per_problem))), r)
-        X, Y = sft_tensors(task, [(t.problem, t.pieces()) for t in traces] + replay, cfg.block_size)
+        X, Y = sft_tensors(task, [(t.problem, t.pieces(task)) for t in traces] + replay, cfg.block_size, cfg.env_loss)
         return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, torch_gen("warm"),
                          "warm-start", log, checkpoint)
 
     base = stage("base", stage_config(cfg, "base"), cfg.base_steps, train_base)
     warm = stage("warm", stage_config(cfg, "warm"), cfg.warm_steps, train_warm)
-    models = {"base": [base], "warm": [warm], "outcome": [], "mrt": []}
+    arms = cfg.arms.split(",")
+    models = {"base": [base], "warm": [warm], **{arm: [] for arm in arms}}
     for seed in range(cfg.seed, cfg.seed + cfg.rl_seeds):
-        for arm in ("outcome", "mrt"):
+        for arm in arms:
             key = {**stage_config(cfg, arm), "rl_seed": seed}
             train_arm = lambda checkpoint: train_rl(copy.deepcopy(warm), task, train, cfg, arm, seed, device, log,
                                                     checkpoint)
