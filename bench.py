@@ -125,19 +125,19 @@ def load_warm(cfg, device, out_dir):
 
 
 def bench_rl(cfg, device, out_dir) -> dict:
-    """Wall time of one RL step with the MRT reward vs the outcome reward, from the same model and batch."""
+    """Wall time of one RL step of every arm, from the same model and batch."""
     model, source = load_warm(cfg, device, out_dir)
     task = train.make_task(cfg)
     problems = [p for p in tasks.make_split(task, cfg.rl_prompts, 1, cfg.seed)[0] for _ in range(cfg.rl_group)]
     seconds = {}
-    for arm in ("outcome", "mrt"):
+    for arm in train.ARMS:
         policy = copy.deepcopy(model)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
         gen, meta_gen = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(1)
         step = lambda: train.rl_step(policy, optimizer, task, problems, cfg, arm, gen, meta_gen, device)
         seconds[arm] = timed(step, 3, device)
-    return {"model": source, "outcome_step_s": seconds["outcome"], "mrt_step_s": seconds["mrt"],
-            "ratio": seconds["mrt"] / seconds["outcome"]}
+    return {"model": source, "step_s": seconds, "ratio_to_outcome": {a: s / seconds["outcome"] for a, s in
+                                                                      seconds.items()}}
 
 
 def pipeline_times(out_dir) -> dict:
@@ -181,8 +181,8 @@ def main():
     e = results["environment"]
     print(f"{'sampling with / without environment':<34}{e['with_env_s']:>10.2f} s / {e['model_only_s']:.2f} s   "
           f"ratio {e['ratio']:.2f}x ({e['rows']} streams)")
-    print(f"{'RL step outcome / MRT':<34}{r['outcome_step_s']:>10.2f} s / {r['mrt_step_s']:.2f} s   "
-          f"ratio {r['ratio']:.2f}x")
+    for arm, secs in r["step_s"].items():
+        print(f"{'RL step, ' + arm:<34}{secs:>10.2f} s   {r['ratio_to_outcome'][arm]:.2f}x outcome's")
     for stage, secs in results["pipeline_s"].items():
         print(f"{'pipeline: ' + stage:<34}{secs:>10.1f} s")
 

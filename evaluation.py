@@ -151,9 +151,9 @@ def bootstrap(x: np.ndarray, seed: int = 0, n_boot: int = 2000) -> dict:
 
 def report(evals: dict, seed: int) -> dict:
     """What results.json says about the models, from their evaluations ({model: [one per seed]}), which it keeps:
-    each model's measures with their intervals, the paired differences a − b of the RL arms with each other and with the
-    base model (seed s of one arm against seed s of another: the same data order), the pooled backtrack rates, and the
-    thinking tokens each model needs to reach the base model's accuracy (a target fixed by neither RL arm)."""
+    each model's measures with their intervals, the paired differences a − b of the RL arms with each other and with
+    the base model (seed s of one arm against seed s of another: the same data order), the pooled backtrack rates,
+    and the thinking tokens each model needs to reach the base model's accuracy (a target fixed by no RL arm)."""
     per_model = {name: measures(e) for name, e in evals.items()}
     summary = {name: {k: bootstrap(x, seed) for k, x in ms.items()} for name, ms in per_model.items()}
     arms = [name for name in evals if name not in ("base", "warm")]
@@ -201,10 +201,11 @@ def machine() -> str:
 
 
 # ----------------------------------------------------------------------------- reporting
-def cell(s: dict, i=None, digits=3) -> str:
-    """`mean [low, high]`, with a * where the interval excludes 0 (only meaningful for a difference)."""
+def cell(s: dict, i=None, digits=3, star=True) -> str:
+    """`mean [low, high]`; for a difference (star=True), a * where the interval excludes 0."""
     mean, low, high = (s[k] if i is None else s[k][i] for k in ("mean", "low", "high"))
-    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]" + ("*" if low > 0 or high < 0 else " ")
+    claim = star and (low > 0 or high < 0)
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]" + ("*" if claim else " ")
 
 
 def print_table(results: dict, cfg):
@@ -213,11 +214,11 @@ def print_table(results: dict, cfg):
     shown = [i for i, b in enumerate(budgets) if b in (0, 8, 16, 32) or i == len(budgets) - 1]
     ks = [k for k in PASS_K if f"pass@{k}" in summary["base"]]
     n_vote = len(summary["base"]["majority_vote"]["mean"])
-    print(f"\n{'model':<9}{'accuracy':>24}{'first attempt':>24}{'tokens':>7}{'episodes':>9}{'backtracks w/r':>16}"
+    print(f"\n{'model':<11}{'accuracy':>24}{'first attempt':>24}{'tokens':>7}{'episodes':>9}{'backtracks w/r':>16}"
           + "".join(f"{'pass@' + str(k):>8}" for k in ks[1:]) + f"{'vote@' + str(n_vote):>8}")
     for name, s in summary.items():
         rates = results["backtrack_rates"][name]
-        print(f"{name:<9}{cell(s['accuracy']):>24}{cell(s['first_attempt_accuracy']):>24}"
+        print(f"{name:<11}{cell(s['accuracy'], star=False):>24}{cell(s['first_attempt_accuracy'], star=False):>24}"
               f"{s['thinking_tokens']['mean']:>7.1f}{s['episodes']['mean']:>9.2f}"
               f"{rates['backtrack_after_wrong_first']:>9.0%} /{rates['backtrack_after_right_first']:>4.0%}"
               + "".join(f"{s['pass@' + str(k)]['mean']:>8.3f}" for k in ks[1:])
@@ -234,9 +235,10 @@ def print_table(results: dict, cfg):
         for label, key, i, digits in rows:
             print(f"{label:<26}" + "".join(f"{cell(d[key], i, digits):>26}" for _, d in pairs[block:block + 3]))
     print("(* the interval excludes 0: only there is a difference claimed; Δ and Σ_B regret against J(π*) = 1)")
-    print("after a backtrack from a wrong first attempt, streams end right: " + ", ".join(
-        f"{k} {a['accuracy']:.3f} of {a['streams']} (base {a['base_accuracy_same_problems']:.3f} on those problems)"
-        for k, a in results["after_backtrack"].items() if a["streams"]))
+    print("streams that backtracked after a wrong first attempt, how often they end right (the base model's accuracy "
+          "on the same problems):")
+    for name, a in results["after_backtrack"].items():
+        print(f"  {name:<11}{a['accuracy']:.3f} of {a['streams']:>5} streams  ({a['base_accuracy_same_problems']:.3f})")
     reach = results["tokens_to_reach_base_accuracy"]
     print(f"thinking tokens to reach the base model's accuracy ({reach['target']:.3f}): "
           + ", ".join(f"{k} {v}" for k, v in reach.items() if k != "target"))

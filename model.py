@@ -145,12 +145,22 @@ def token_logprobs(model: GPT, idx, exclude=()):
     return torch.gather(F.log_softmax(logits, dim=-1), 2, idx[:, 1:, None]).squeeze(2)
 
 
-def completion_logprobs(model: GPT, prompts: list, completions: list, exclude=()):
+def completion_logprobs(model: GPT, prompts: list, completions: list, exclude=(), row_exclude=None):
     """log p(y_t | x, y_<t) of every token of every completion, under grad: (B, T) with T the longest completion,
-    rows padded with 0 on the right. One forward pass over the prompt + completion rows, padded on the right."""
+    rows padded with 0 on the right. One forward pass over the prompt + completion rows, padded on the right.
+
+    `exclude`: ids the sampler never draws, left out of every row's distribution as `generate` does;
+    `row_exclude[i]`: more ids left out of row i's (those its sampler forbade).
+    """
     rows = [torch.as_tensor(p + c) for p, c in zip(prompts, completions)]
     idx = pad_sequence(rows, batch_first=True, padding_value=0).to(model.wte.weight.device)
-    logprobs = token_logprobs(model, idx, exclude)  # (B, L-1): position t scores token t+1
+    logits = model(idx[:, :-1]).float()  # position t scores token t+1
+    banned = torch.zeros(len(rows), logits.size(-1), dtype=torch.bool, device=idx.device)
+    banned[:, list(exclude)] = True
+    for i, ids in enumerate(row_exclude or ()):
+        banned[i, list(ids)] = True
+    logprobs = torch.gather(F.log_softmax(logits.masked_fill(banned[:, None], float("-inf")), -1), 2,
+                            idx[:, 1:, None]).squeeze(2)
     n = torch.tensor([len(c) for c in completions], device=idx.device)
     offsets = torch.arange(int(n.max()), device=idx.device)
     starts = torch.tensor([len(p) - 1 for p in prompts], device=idx.device)  # scores the completion's first token

@@ -137,18 +137,19 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def prefix_advantages(rewards: torch.Tensor, n_answer_now: int, alpha: float) -> torch.Tensor:
-    """A_i = (r_i − r̄) + α · (r_i − Ĵ(μ | x, c)) for the G rollouts from one context c (the paper's RL form of
-    MRT); rewards (P, G), in each row first the `n_answer_now` rollouts of μ (answer now), then those that think on.
+    """A_i = r_i − b with b = (1 − α) · r̄ + α · Ĵ(μ | x, c), for the G rollouts from one context c (the paper's
+    RL form of MRT); rewards (P, G), in each row first the `n_answer_now` rollouts of μ (answer now), then the rest.
 
     r̄ is the group mean (outcome RL's baseline) and Ĵ(μ | x, c) the answer-now rollouts' mean, a Monte Carlo
-    J(μ | x, c). For a rollout that keeps thinking, r_i − Ĵ is its progress over stopping at c: the bonus
-    r_prg with its context c drawn from the previous policy π' (the released code's A = r − r_termination).
-    With α = 0, or no answer-now rollouts, this is outcome RL's advantage on the prefixed contexts.
+    J(μ | x, c). With α = 1 this is the released code's A = r − r_termination: a rollout that thinks on is credited
+    with its progress over stopping at c, r − J(μ | x, c). With α = 0, or no answer-now rollouts, it is outcome RL
+    on the prefixed contexts. (With a 0/1 final reward the answer-now success only moves the baseline: what this
+    form changes is where the contexts come from, prefixes of the previous policy π', and that μ's answers train too.)
     """
-    advantages = group_advantages(rewards)
+    baseline = rewards.mean(dim=1, keepdim=True)
     if n_answer_now:
-        advantages = advantages + alpha * (rewards - rewards[:, :n_answer_now].mean(1, keepdim=True))
-    return advantages
+        baseline = (1 - alpha) * baseline + alpha * rewards[:, :n_answer_now].mean(1, keepdim=True)
+    return rewards - baseline
 
 
 def token_advantages(outcome_advantage: float, episode_lengths: list[int], bonuses: list[float], alpha: float,
@@ -194,11 +195,14 @@ def sample_completions(model, task, problems, max_new_tokens: int, generator=Non
 
 
 def budget_cut(thinking: list[int], budget: int) -> list[int]:
-    """The first `budget` thinking tokens, less an unfinished last line (μ answers from complete lines only)."""
+    """The first `budget` thinking tokens, less an unfinished last line, and less a backtrack line at the end: μ
+    answers from complete lines, and never right after a backtrack line (see `split_episodes`)."""
+    ends = (tasks.NEWLINE_ID, *tasks.VERDICT_IDS)
     cut = thinking[:budget]
-    while cut and cut[-1] not in (tasks.NEWLINE_ID, tasks.REACHED_ID, tasks.MISSED_ID):
+    while cut and cut[-1] not in ends:
         cut.pop()
-    return cut
+    last_line = max((i + 1 for i, t in enumerate(cut[:-1]) if t in ends), default=0)
+    return cut[:last_line] if cut[last_line:last_line + 1] == [tasks.BACKTRACK_ID] else cut
 
 
 def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, n_rollouts=1) -> list[list[float]]:

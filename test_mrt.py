@@ -309,10 +309,11 @@ def test_mrt_reduces_to_the_backtracking_recipe():
     assert adv.tolist() == pytest.approx([r + alpha * (0.6 - 0.1)] * 6)
 
 
-def test_prefix_advantage_is_the_outcome_advantage_plus_progress_over_answering_now():
+def test_prefix_advantage_measures_thinking_on_against_answering_now():
     rewards = torch.tensor([[1.0, 0.0, 1.0, 1.0]])  # answer now: 1, 0 (Ĵ(μ|x,c) = 0.5); keep thinking: 1, 1; r̄ = 0.75
-    expected = [(1 - 0.75) + 2 * (1 - 0.5), (0 - 0.75) + 2 * (0 - 0.5), (1 - 0.75) + 2 * 0.5, (1 - 0.75) + 2 * 0.5]
-    assert mrt.prefix_advantages(rewards, 2, alpha=2.0)[0].tolist() == pytest.approx(expected)
+    assert mrt.prefix_advantages(rewards, 2, alpha=1.0)[0].tolist() == [0.5, -0.5, 0.5, 0.5]  # r − Ĵ
+    b = 0.75 * 0.75 + 0.25 * 0.5  # α = 0.25: the baseline (1 − α) r̄ + α Ĵ
+    assert mrt.prefix_advantages(rewards, 2, alpha=0.25)[0].tolist() == pytest.approx([1 - b, -b, 1 - b, 1 - b])
     outcome = mrt.group_advantages(rewards).tolist()  # α = 0, or no answer-now rollouts: outcome RL
     assert mrt.prefix_advantages(rewards, 2, alpha=0.0).tolist() == outcome == mrt.prefix_advantages(rewards, 0, 2.0).tolist()
 
@@ -374,6 +375,9 @@ def test_budget_cut_keeps_complete_lines_only():
     assert mrt.budget_cut(thinking, 8) == encode("9-7=2\n")
     assert mrt.budget_cut(thinking, 5) == []
     assert mrt.budget_cut(thinking, 100) == thinking
+    backtracked = thinking + encode(tasks.MISSED + BACKTRACK + "0\n9*3=27\n")
+    assert mrt.budget_cut(backtracked, 16) == thinking + encode(tasks.MISSED)  # not right after the backtrack line
+    assert mrt.budget_cut(backtracked, 23) == backtracked
 
 
 def test_warmstart_trace_backtracks_to_the_best_step_and_verifies():
@@ -490,13 +494,13 @@ def numbers(results):
 def test_smoke_run_writes_results(smoke_run):
     out, results = smoke_run
     cfg, n_test = results["config"], results["test_problems"]
-    assert set(results["summary"]) == set(results["per_problem"]) == {"base", "warm", "outcome", "mrt"}
+    assert set(results["summary"]) == set(results["per_problem"]) == {"base", "warm", "outcome", "mrt", "mrt_prefix"}
     for name, s in results["summary"].items():
         assert 0 <= s["accuracy"]["low"] <= s["accuracy"]["mean"] <= s["accuracy"]["high"] <= 1
         assert len(s["regret"]["mean"]) == cfg["max_episodes"] and len(s["J"]["mean"]) == cfg["max_episodes"] + 1
         for e in results["per_problem"][name]:  # per-problem success counts, out of --eval-streams
             assert len(e["successes"]) == n_test and all(0 <= c <= cfg["eval_streams"] for c in e["successes"])
-    assert set(results["paired"]) == {"mrt - outcome", "outcome - base", "mrt - base"}
+    assert {"mrt - outcome", "mrt_prefix - outcome", "mrt_prefix - mrt", "mrt - base"} <= set(results["paired"])
     assert len(results["test_set"]) == n_test and results["machine"]
     assert (out / "log.jsonl").exists() and (out / "base.pt").exists()
 
@@ -597,7 +601,8 @@ def test_explain_prints_each_episode_with_its_progress(smoke_run, capsys):
     (["--max-think", "500"], "--max-think"), (["--preset", "huge"], "--preset"), (["--n-head", "5"], "--n-head"),
     (["--explain", "nothing"], "--explain"), (["--explain", "base", "--problem", "1 2 3:1000"], "--problem"),
     (["--n-test", "5000"], "--n-test"), (["--value-streams", "8"], "--value-streams"),
-    (["--rl-prompts", "5000"], "--rl-prompts"),
+    (["--rl-prompts", "5000"], "--rl-prompts"), (["--arms", "outcome,ppo"], "--arms"),
+    (["--practice-per-problem", "2"], "--practice-per-problem"), (["--restart", "middle"], "--restart"),
 ])
 def test_bad_options_exit_with_one_clear_line(flags, message, smoke_run, capsys):
     with pytest.raises(SystemExit) as exit_info:

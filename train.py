@@ -82,7 +82,7 @@ class Config:
     # evaluation
     eval_streams: int = opt(16, "sampled streams per test problem (accuracy, pass@k, majority vote, tokens)", 1)
     value_streams: int = opt(2, "of those, streams per problem that μ scores (J, regret, budget-forced accuracy)", 1)
-    eval_rollouts: int = opt(4, "meta-prover rollouts per prefix at evaluation", 1)
+    eval_rollouts: int = opt(2, "meta-prover rollouts per prefix at evaluation", 1)
     max_episodes: int = opt(5, "episodes K of the J and regret curves", 1)
     budget_step: int = opt(8, "spacing of the token-budget grid of budget-forced accuracy", 1)
     # run
@@ -105,8 +105,7 @@ PRESETS = {
     "smoke": dict(n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
                   warm_problems=32, warm_rollouts=2, warm_steps=10, rl_steps=2, rl_prompts=4, rl_group=4,
                   mc_rollouts=2, rl_seeds=1, arms="outcome,mrt,mrt_prefix", eval_streams=4, value_streams=2,
-                  eval_rollouts=1, max_episodes=3,
-                  budget_step=16, snapshot_every=5),
+                  eval_rollouts=1, max_episodes=3, budget_step=16, snapshot_every=5),
 }
 
 
@@ -145,6 +144,8 @@ def check_config(cfg: Config):
         if low is not None and value < low:
             raise UserError(f"{flag(f.name)} must be >= {low}, got {value}")
     rules = [  # (broken, what to say)
+        (cfg.practice_per_problem and not cfg.model_only, "--practice-per-problem teaches the results, which the "
+                                                          "environment writes: use it with --model-only"),
         (min(cfg.lr, cfg.warm_lr, cfg.rl_lr) <= 0, "--lr, --warm-lr and --rl-lr must be > 0"),
         (cfg.cut_prob > 1, f"--cut-prob must be in [0, 1], got {cfg.cut_prob}"),
         (cfg.value_streams > cfg.eval_streams, f"--value-streams ({cfg.value_streams}) must not exceed --eval-streams "
@@ -390,9 +391,10 @@ def rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device) -
     # Credit the tokens the policy wrote, each with its advantage; the environment's tokens get none (never sampled).
     written = pad_sequence([torch.tensor([not e for e in tasks.environment_mask(task, c)], dtype=torch.float)
                             for c in completions], batch_first=True)
+    answered_by_mu = [(tasks.BACKTRACK_ID,) if c[-1] == tasks.ANSWER_ID else () for c in contexts]  # μ forbids it
     model.train()
     with autocast(device):
-        logprobs = completion_logprobs(model, contexts, completions, exclude=(tasks.PAD_ID, *tasks.VERDICT_IDS))
+        logprobs = completion_logprobs(model, contexts, completions, (tasks.PAD_ID, *tasks.VERDICT_IDS), answered_by_mu)
         loss = mrt.reinforce_loss(logprobs, pad_sequence(credit, batch_first=True).to(device), written.to(device))
     optimizer_step(model, optimizer, loss, arm)
     return {**row, "loss": loss.item()}
@@ -423,8 +425,8 @@ def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen):
 def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen):
     """MRT in the paper's RL form. Per problem, a stream from π' (the policy as this step starts) cut after a random
     number j of episodes is the context c = x, z_{0:j-1}; from c, rl_group // 2 rollouts answer now (μ) and the
-    others keep thinking (up to max_think more tokens). Each is credited with `mrt.prefix_advantages`, on its own
-    tokens only: c is not credited."""
+    others keep thinking (the stream, c's thinking included, up to max_think tokens as in the other arms). Each is
+    credited with `mrt.prefix_advantages`, on its own tokens only: c is not credited."""
     unique = problems[::cfg.rl_group]
     prompts, streams = mrt.sample_completions(model, task, unique, cfg.max_think, gen)
     contexts = []
@@ -436,6 +438,8 @@ def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen):
     answers, answer_rewards = mrt.MetaProver(model, task, generator=meta_gen).answers(
         unique, [c + [tasks.ANSWER_ID] for c in contexts], n_answer)
     thoughts = mrt.complete(model, contexts, cfg.max_think, gen, samples=n_think, env=tasks.environment(task))
+    budget = lambda i: cfg.max_think - (len(contexts[i // n_think]) - len(prompts[i // n_think]))
+    thoughts = [t[:budget(i)] for i, t in enumerate(thoughts)]  # a whole stream: max_think tokens, as in other arms
     whole = [contexts[i // n_think][len(prompts[i // n_think]):] + t for i, t in enumerate(thoughts)]  # c's z + rollout
     thought_rewards = [tasks.verify(task, unique[i // n_think], tasks.decode(s)) for i, s in enumerate(whole)]
     rewards = torch.cat([torch.tensor(answer_rewards, dtype=torch.float).view(-1, n_answer),
@@ -578,10 +582,12 @@ def explain(cfg: Config, rollouts: int = 32):
     episodes = mrt.split_episodes(thinking)
     values = mrt.episode_values(meta, [problem], prompts, [episodes], rollouts)[0]
     print(f"problem x: {tasks.decode(prompts[0][1:]).strip()}   (model: {path}; J from {rollouts} rollouts of μ)")
-    print(f"{'':<6}{'J(μ | x) with no thinking':<40}J = {values[0]:.2f}")
+    print("(an episode is an attempt; a backtrack line opens the episode of the attempt after it, so μ is never asked "
+          "to answer right after a backtrack line, which it never learned to do)")
+    print(f"{'':<6}{'J(μ | x) with no thinking':<46}J = {values[0]:.2f}")
     for j, (episode, bonus) in enumerate(zip(episodes, mrt.progress_bonus(values))):
         text = tasks.decode(episode).replace("\n", " ").strip()
-        print(f"z_{j:<4}{text:<40}J = {values[j + 1]:.2f}   progress {bonus:+.2f}")
+        print(f"z_{j:<4}{text:<46}J = {values[j + 1]:.2f}   progress {bonus:+.2f}")
     reward = tasks.verify(task, problem, tasks.decode(completions[0]))
     print(f"answer: {tasks.decode(answer).replace(chr(10), ' ')}   reward r(x, z) = {reward}")
 
