@@ -1,4 +1,4 @@
-"""A small GPT (nanoGPT-style) and batched sampling with a KV cache.
+"""A small GPT (nanoGPT-style, with rotary position embeddings) and batched sampling with a KV cache.
 
 Rows of a batch have different lengths. Training pads on the right (plain causal attention; the pads come after every
 real token, so they cannot change it). Sampling pads prompts on the *left* so that every row's next token sits in the
@@ -51,6 +51,20 @@ class KVCache:
         self.k, self.v = ([t.repeat_interleave(n, 0) for t in kv] for kv in (self.k, self.v))
 
 
+def rotary(x, positions, base: float = 10000.0):
+    """Rotary position embedding (RoPE, Su et al. 2021) of x (B, H, T, D) at positions (T,) or (B, T): each pair of
+    channels turns by an angle proportional to the position, so that q·k depends only on how far apart two tokens
+    are. (Learned absolute positions tie a skill to where it was practised: with them, an attempt written after a
+    failed one, further along the stream, succeeded 0% of the time here, against 34% at the start.)"""
+    half = x.size(-1) // 2
+    angles = positions.float()[..., None] * base ** (-torch.arange(half, device=x.device) / half)  # (.., T, D/2)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # (B, 1, T, D/2): one row's positions for all heads
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention; reads and extends the KV cache when one is given."""
     def __init__(self, config: GPTConfig, layer: int):
@@ -59,9 +73,10 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, mask=None, cache=None):
+    def forward(self, x, positions, mask=None, cache=None):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        q, k = rotary(q, positions), rotary(k, positions)
         if cache is not None:
             k, v = cache.update(self.layer, k.to(cache.k[0].dtype), v.to(cache.v[0].dtype))
         # mask=None means a plain causal batch; otherwise mask (B, 1, T, T_keys) says which keys each query sees.
@@ -87,18 +102,18 @@ class Block(nn.Module):
         self.ln_1, self.attn = nn.LayerNorm(config.n_embd), CausalSelfAttention(config, layer)
         self.ln_2, self.mlp = nn.LayerNorm(config.n_embd), MLP(config)
 
-    def forward(self, x, mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, cache)
+    def forward(self, x, positions, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), positions, mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
-    """Token + position embeddings, n_layer blocks, a final LayerNorm and the tied output head."""
+    """Token embeddings, n_layer blocks (positions enter through rotary q and k), a final LayerNorm and the tied
+    output head."""
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -123,9 +138,9 @@ class GPT(nn.Module):
         """Logits (B, T, V); with `targets` (-1 = ignore) also the mean cross-entropy."""
         if positions is None:
             positions = torch.arange(idx.size(1), device=idx.device)
-        x = self.wte(idx) + self.wpe(positions)
+        x = self.wte(idx)
         for block in self.blocks:
-            x = block(x, mask, cache)
+            x = block(x, positions, mask, cache)
         if cache is not None:
             cache.length += idx.size(1)
         logits = self.lm_head(self.ln_f(x))
