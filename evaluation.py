@@ -151,16 +151,23 @@ def bootstrap(x: np.ndarray, seed: int = 0, n_boot: int = 2000) -> dict:
 
 def report(evals: dict, seed: int) -> dict:
     """What results.json says about the models, from their evaluations ({model: [one per seed]}), which it keeps:
-    each model's measures with their intervals, the paired differences a − b of the RL arms with each other and with
-    the base model (seed s of one arm against seed s of another: the same data order), the pooled backtrack rates,
-    and the thinking tokens each model needs to reach the base model's accuracy (a target fixed by no RL arm)."""
+    each model's measures with their intervals, the paired differences a − b of the RL arms with each other, with
+    the base model and with the warm start (seed s of one arm against seed s of another: the same data order), the
+    pooled backtrack rates,
+    and the thinking tokens each model needs to reach the base model's accuracy (a target fixed by no RL arm, on the
+    same streams as the curves)."""
     per_model = {name: measures(e) for name, e in evals.items()}
     summary = {name: {k: bootstrap(x, seed) for k, x in ms.items()} for name, ms in per_model.items()}
     arms = [name for name in evals if name not in ("base", "warm")]
-    pairs = [(a, b) for i, b in enumerate(arms) for a in arms[i + 1:]] + [(a, "base") for a in arms]
+    pairs = [(a, b) for i, b in enumerate(arms) for a in arms[i + 1:]] + [(a, ref) for ref in ("base", "warm")
+                                                                          for a in arms]  # "warm": what RL adds
     paired = {f"{a} - {b}": {k: bootstrap(per_model[a][k] - per_model[b][k], seed) for k in COMPARED}
               for a, b in pairs}
-    budgets, target = evals["base"][0]["budgets"], summary["base"]["accuracy"]["mean"]
+    for a, b in pairs:  # with few seeds the interval understates the seed-to-seed spread: show each seed's gap
+        gaps = (per_model[a]["accuracy"] - per_model[b]["accuracy"]).mean(1)
+        paired[f"{a} - {b}"]["accuracy_per_seed"] = gaps.tolist()
+    # The target comes from the base model's own curve, on the same streams: its accuracy with the whole budget.
+    budgets, target = evals["base"][0]["budgets"], summary["base"]["budget_accuracy"]["mean"][-1]
     reach = {name: tokens_to_reach(budgets, s["budget_accuracy"]["mean"], target) for name, s in summary.items()}
     return {"budgets": budgets, "summary": summary, "paired": paired,
             "backtrack_rates": {name: {k: pooled_rate(e, k) for k in RATES} for name, e in evals.items()},
@@ -234,13 +241,16 @@ def print_table(results: dict, cfg):
         print(f"\n{'paired difference':<26}" + "".join(f"{pair:>26}" for pair, _ in pairs[block:block + 3]))
         for label, key, i, digits in rows:
             print(f"{label:<26}" + "".join(f"{cell(d[key], i, digits):>26}" for _, d in pairs[block:block + 3]))
+    print("accuracy differences, seed by seed:")
+    for pair, d in pairs:
+        print(f"  {pair:<24}" + " ".join(f"{x:+.3f}" for x in d["accuracy_per_seed"]))
     print("(* the interval excludes 0: only there is a difference claimed; Δ and Σ_B regret against J(π*) = 1)")
     print("streams that backtracked after a wrong first attempt, how often they end right (the base model's accuracy "
           "on the same problems):")
     for name, a in results["after_backtrack"].items():
         print(f"  {name:<11}{a['accuracy']:.3f} of {a['streams']:>5} streams  ({a['base_accuracy_same_problems']:.3f})")
     reach = results["tokens_to_reach_base_accuracy"]
-    print(f"thinking tokens to reach the base model's accuracy ({reach['target']:.3f}): "
+    print(f"thinking tokens to reach the base model's accuracy with the whole budget ({reach['target']:.3f}): "
           + ", ".join(f"{k} {v}" for k, v in reach.items() if k != "target"))
 
 
@@ -269,7 +279,8 @@ def plot(results: dict, out_dir: str):
              label="base, pass@k (k streams)")
     ax1.axvline(results["config"]["max_think"], color="gray", ls=":", lw=1, label="RL budget")
     ax1.set(xlabel="thinking tokens", ylabel="accuracy", title="accuracy vs thinking tokens (95% intervals)")
-    ax2.set(xlabel="episodes k", ylabel="cumulative regret Δ_k  (J(π*) = 1)", title="cumulative regret")
+    ax2.set(xlabel="episodes k", ylabel="cumulative regret Δ_k  (J(π*) = 1)", title="cumulative regret",
+            xticks=np.arange(1, len(base["regret"]["mean"]) + 1))
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
     for arm in results["config"]["arms"].split(","):
         by_step = {r["step"]: r["reward"] for r in rows  # later runs in the same out-dir overwrite earlier ones

@@ -149,17 +149,6 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
 
-def token_logprobs(model: GPT, idx, exclude=()):
-    """log p(idx[:, t+1] | idx[:, :t+1]) for every t: (B, T-1). Rows are right-padded, so plain causal attention.
-
-    `exclude`: ids the sampler never draws (the pad), left out of the distribution just as `generate` does.
-    """
-    logits = model(idx[:, :-1]).float()
-    if exclude:
-        logits[:, :, list(exclude)] = float("-inf")
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, idx[:, 1:, None]).squeeze(2)
-
-
 def completion_logprobs(model: GPT, prompts: list, completions: list, exclude=(), row_exclude=None):
     """log p(y_t | x, y_<t) of every token of every completion, under grad: (B, T) with T the longest completion,
     rows padded with 0 on the right. One forward pass over the prompt + completion rows, padded on the right.

@@ -415,10 +415,10 @@ def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen):
         bonuses = [mrt.progress_bonus(v) for v in values]
     credit = [mrt.token_advantages(a, [len(e) for e in eps], b, cfg.alpha, len(c))
               for a, eps, b, c in zip(advantages, episodes, bonuses, completions)]
-    flat = [b for bs in bonuses for b in bs]
+    flat, thinking = [b for bs in bonuses for b in bs], [mrt.split_completion(c)[0] for c in completions]
     return prompts, completions, credit, {
-        "reward": rewards.mean().item(), "tokens": sum(len(mrt.split_completion(c)[0]) for c in completions) / len(
-            completions), "episodes": sum(map(len, episodes)) / len(episodes),
+        "reward": rewards.mean().item(), "tokens": sum(map(len, thinking)) / len(thinking),
+        "episodes": sum(map(len, episodes)) / len(episodes),
         "progress": sum(flat) / len(flat) if arm == "mrt" and flat else None}
 
 
@@ -524,6 +524,8 @@ def run(cfg: Config) -> dict:
         with autocast(device):
             traces = mrt.build_traces(base, task, r.sample(train, min(cfg.warm_problems, len(train))),
                                       cfg.warm_rollouts, cfg.max_think, gen, r, cfg.restart)
+        text = lambda t: task.prompt(t.problem) + "".join(piece for piece, _ in t.pieces(task))
+        traces = [t for t in traces if len(tasks.encode(text(t))) <= cfg.block_size + 1]  # long misses can overflow
         backtracks = sum(t.keep is not None for t in traces)
         print(f"warm-start: {len(traces)} traces, {backtracks} backtrack after a failed first attempt")
         log(stage="warm", traces=len(traces), backtrack_traces=backtracks)
