@@ -127,12 +127,12 @@ def test_environment_mask_marks_what_the_environment_wrote():
     assert not any(tasks.environment_mask(Countdown(3, 10, 100, calculator=False), encode(text)))
 
 
-def test_sft_puts_no_loss_on_the_environments_tokens_unless_asked():
+def test_sft_puts_loss_on_the_environments_tokens_unless_told_not_to():
     text = "9*3=27\n27-7=20\n" + tasks.REACHED + ANSWER + "9*3=27\n27-7=20\n" + EOS
     targets = lambda **kw: decode([y for y in train.sft_tensors(TASK, [(PROBLEM, [(text, True)])], 64, **kw)[1][0]
                                    .tolist() if y != -1])
-    assert targets() == "9*3=27-7=" + ANSWER + "9*3=27-7=" + EOS
-    assert targets(env_loss=True) == text
+    assert targets() == text  # the default: predicting the results and the verdict is learned too
+    assert targets(env_loss=False) == "9*3=27-7=" + ANSWER + "9*3=27-7=" + EOS  # --no-env-loss
 
 
 def test_sampler_writes_the_environments_tokens_where_they_belong_and_never_samples_them():

@@ -57,7 +57,9 @@ class Config:
                                        "practice)", 0)
     model_only: bool = opt(False, "no environment: the model writes each step's result and gets no verdict (the "
                                   "format before the environment)")
-    env_loss: bool = opt(False, "supervised stages also put loss on the tokens the environment writes")
+    no_env_loss: bool = opt(False, "supervised stages put no loss on the tokens the environment writes (by default "
+                                   "they do: predicting the results teaches the model arithmetic, although it never "
+                                   "writes them)")
     eval_every: int = opt(200, "steps between held-out evaluations while pretraining (0: never)", 0)
     # stage 2: backtracking warm-start
     warm_problems: int = opt(100_000, "training problems whose first attempts become warm-start traces (capped by "
@@ -205,7 +207,7 @@ def new_model(cfg: Config, device) -> GPT:
 STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "base": ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
              "block_size", "seed", "base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob",
-             "practice_per_problem", "model_only", "env_loss"],
+             "practice_per_problem", "model_only", "no_env_loss"],
     "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "max_think", "restart"],  # max_think: traces
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
     "mrt": ["alpha", "mc_rollouts"],
@@ -288,14 +290,14 @@ class Checkpoint:
 
 
 # ----------------------------------------------------------------------------- supervised stages
-def sft_tensors(task, examples, block_size: int, env_loss: bool = False):
+def sft_tensors(task, examples, block_size: int, env_loss: bool = True):
     """Inputs X and targets Y (N, T) from (problem, pieces) examples; Y is -1 (no loss) on the prompt, on pieces
     with learn=False, on the padding and, unless `env_loss`, on the tokens the environment writes."""
     rows = []
     for p, pieces in examples:
         parts = [(tasks.encode(task.prompt(p)), False)] + [(tasks.encode(text), learn) for text, learn in pieces]
         ids, learn = [i for ids, _ in parts for i in ids], [learn for ids, learn in parts for _ in ids]
-        if not env_loss:  # the model never writes the environment's tokens: nothing to learn there
+        if not env_loss:  # the model never writes the environment's tokens (though predicting them teaches arithmetic)
             learn = [keep and not env for keep, env in zip(learn, tasks.environment_mask(task, ids))]
         rows.append((ids, learn))
     T = max(len(ids) for ids, _ in rows) - 1
@@ -513,7 +515,7 @@ def run(cfg: Config) -> dict:
         torch.manual_seed(cfg.seed)
         model = new_model(cfg, device)
         print(f"model: {model.num_params() / 1e6:.2f}M parameters")
-        X, Y = sft_tensors(task, examples(train, rng("base")), cfg.block_size, cfg.env_loss)
+        X, Y = sft_tensors(task, examples(train, rng("base")), cfg.block_size, not cfg.no_env_loss)
         evaluate_now = lambda m: greedy_accuracy(m, task, test, cfg)
         return train_sft(model, X, Y, cfg.base_steps, cfg.lr, cfg, device, torch_gen("base"), "base", log, checkpoint,
                          evaluate_now)
@@ -531,7 +533,8 @@ def run(cfg: Config) -> dict:
         log(stage="warm", traces=len(traces), backtrack_traces=backtracks)
         # Replay base examples too (one problem's worth per `solutions_per_problem` traces): keeps the skills and μ.
         replay = examples(r.sample(train, min(len(train), max(1, len(traces) // cfg.solutions_per_problem))), r)
-        X, Y = sft_tensors(task, [(t.problem, t.pieces(task)) for t in traces] + replay, cfg.block_size, cfg.env_loss)
+        X, Y = sft_tensors(task, [(t.problem, t.pieces(task)) for t in traces] + replay, cfg.block_size,
+                           not cfg.no_env_loss)
         return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, torch_gen("warm"),
                          "warm-start", log, checkpoint)
 
