@@ -84,11 +84,11 @@ def evaluate(model, task, problems, cfg, device) -> dict:
 
 def score_stream(task, problem, completion) -> dict:
     """What one sampled stream did: right or not, its first attempt, its length, and its answer as a computation."""
-    thinking, _ = mrt.split_completion(completion)
-    parsed = tasks.parse_output(tasks.decode(completion))
+    thinking, text = mrt.split_completion(completion)[0], tasks.decode(completion)
+    parsed = tasks.parse_output(text)
     first = parsed.attempts[0]
     last_step = tasks.parse_step(first[-1]) if first else None
-    return {"right": tasks.verify(task, problem, tasks.decode(completion)),
+    return {"right": tasks.verify(task, problem, text),
             "first_right": tasks.is_correct(task, problem, first),
             "tokens": len(thinking), "episodes": len(mrt.split_episodes(thinking)),
             "backtracked": tasks.BACKTRACK_ID in thinking,
