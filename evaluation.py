@@ -169,10 +169,15 @@ def report(evals: dict, seed: int) -> dict:
     # The target comes from the base model's own curve, on the same streams: its accuracy with the whole budget.
     budgets, target = evals["base"][0]["budgets"], summary["base"]["budget_accuracy"]["mean"][-1]
     reach = {name: tokens_to_reach(budgets, s["budget_accuracy"]["mean"], target) for name, s in summary.items()}
+    # The paper's token efficiency: the budget at which each model reaches outcome RL's accuracy with the whole budget.
+    target_rl = summary["outcome"]["budget_accuracy"]["mean"][-1] if "outcome" in summary else None
+    reach_rl = {name: tokens_to_reach(budgets, s["budget_accuracy"]["mean"], target_rl) for name, s in summary.items()
+                if target_rl is not None}
     return {"budgets": budgets, "summary": summary, "paired": paired,
             "backtrack_rates": {name: {k: pooled_rate(e, k) for k in RATES} for name, e in evals.items()},
             "after_backtrack": {name: after_backtrack(e, evals["base"][0]) for name, e in evals.items()},
-            "tokens_to_reach_base_accuracy": {"target": target, **reach}, "per_problem": evals}
+            "tokens_to_reach_base_accuracy": {"target": target, **reach},
+            "tokens_to_reach_outcome_accuracy": {"target": target_rl, **reach_rl}, "per_problem": evals}
 
 
 def after_backtrack(evals: list[dict], base: dict) -> dict:
@@ -194,6 +199,19 @@ def pooled_rate(evals: list[dict], key: str) -> float:
 def tokens_to_reach(budgets: list, accuracy: list, target: float):
     """The smallest thinking budget at which the accuracy reaches `target` (None if it never does)."""
     return next((b for b, a in zip(budgets, accuracy) if a >= target - 1e-9), None)
+
+
+def learning_curves(log_path: str, arms: list, seeds: list) -> dict:
+    """{arm: {"steps": [...], "accuracy": [held-out accuracy at each step, mean over seeds]}} from log.jsonl (a
+    later run in the same out-dir overwrites an earlier one's checks); steps that not every seed has are left out."""
+    rows = [json.loads(line) for line in open(log_path)]
+    found = {(r["arm"], r["seed"], r["step"]): r["accuracy"] for r in rows if r.get("stage") == "heldout"}
+    curves = {}
+    for arm in arms:
+        steps = sorted({s for a, _, s in found if a == arm and all((arm, seed, s) in found for seed in seeds)})
+        curves[arm] = {"steps": steps, "accuracy": [float(np.mean([found[arm, seed, s] for seed in seeds]))
+                                                    for s in steps]}
+    return curves
 
 
 def machine() -> str:
@@ -249,9 +267,16 @@ def print_table(results: dict, cfg):
           "on the same problems):")
     for name, a in results["after_backtrack"].items():
         print(f"  {name:<11}{a['accuracy']:.3f} of {a['streams']:>5} streams  ({a['base_accuracy_same_problems']:.3f})")
+    for arm, curve in results.get("learning_curve", {}).items():
+        print(f"held-out accuracy during RL, {arm:<11}" + "  ".join(f"step {s}: {a:.3f}" for s, a in
+                                                                 zip(curve["steps"], curve["accuracy"])))
     reach = results["tokens_to_reach_base_accuracy"]
     print(f"thinking tokens to reach the base model's accuracy with the whole budget ({reach['target']:.3f}): "
           + ", ".join(f"{k} {v}" for k, v in reach.items() if k != "target"))
+    reach = results["tokens_to_reach_outcome_accuracy"]
+    if reach["target"] is not None:
+        print(f"thinking tokens to reach outcome RL's accuracy with the whole budget ({reach['target']:.3f}): "
+              + ", ".join(f"{k} {v}" for k, v in reach.items() if k != "target"))
 
 
 def plot(results: dict, out_dir: str):
@@ -287,8 +312,12 @@ def plot(results: dict, out_dir: str):
                    if r.get("stage") == f"rl_{arm}" and r.get("seed") == results["config"]["seed"] and "reward" in r}
         curve = [by_step[k] for k in sorted(by_step)]
         smooth = [sum(curve[max(0, i - 9):i + 1]) / len(curve[max(0, i - 9):i + 1]) for i in range(len(curve))]
-        ax3.plot(smooth, label=arm)
-    ax3.set(xlabel="RL step", ylabel="train reward (moving mean of 10)", title="RL training (first seed)")
+        line, = ax3.plot(smooth, label=f"{arm}: train reward (first seed, moving mean of 10)")
+        curve = results.get("learning_curve", {}).get(arm)
+        if curve and curve["steps"]:
+            ax3.plot(curve["steps"], curve["accuracy"], "o--", color=line.get_color(),
+                     label=f"{arm}: held-out accuracy (mean over seeds)")
+    ax3.set(xlabel="RL step", ylabel="accuracy / reward", title="RL: training reward and held-out accuracy")
     for ax in (ax1, ax2, ax3):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -8,9 +8,10 @@ episodes 0..j,  J(π*) a comparator's success rate,  r(x, z) the 0/1 outcome rew
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 import tasks
-from model import generate
+from model import completion_logprobs, generate
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -39,8 +40,12 @@ def split_completion(completion: list[int]):
 
 # ----------------------------------------------------------------------------- the meta-prover μ
 def forced_answer_context(prompt: list[int], episodes: list[list[int]], j: int) -> list[int]:
-    """The input of μ after j episodes: x, z_{0:j-1}, then <|answer|> (the model must answer now)."""
-    return prompt + [t for e in episodes[:j] for t in e] + [tasks.ANSWER_ID]
+    """The input of μ after j episodes: x, z_{0:j-1}, then <|answer|> (the model must answer now).
+
+    A stream cut by the room may end in an unfinished line or a backtrack line: μ answers from its complete lines
+    (`budget_cut`), as it does under a token budget. Whole episodes are kept as they are."""
+    thinking = [t for e in episodes[:j] for t in e]
+    return prompt + budget_cut(thinking, len(thinking)) + [tasks.ANSWER_ID]
 
 
 @dataclass
@@ -102,6 +107,13 @@ def episode_values(meta_prover, problems, prompts, episode_lists, n_rollouts, ma
               for prompt, eps, k in zip(prompts, episode_lists, lengths) for j in range(k + 1)]
     flat = iter(estimate_success(meta_prover, flat_p, flat_c, n_rollouts))
     return [[next(flat) for _ in range(k + 1)] for k in lengths]
+
+
+def verdict_values(episodes: list[list[int]]) -> list[float]:
+    """The ablation of μ: [0, 1[z_0 reached], 1[z_{0:1} reached], ...], J read off the environment's verdicts
+    (1 from the first episode that ends in <|reached|> on) instead of estimated by μ's rollouts."""
+    reached = [float(any(tasks.REACHED_ID in e for e in episodes[:j + 1])) for j in range(len(episodes))]
+    return [0.0] + reached
 
 
 # ----------------------------------------------------------------------------- progress and regret
@@ -263,3 +275,103 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
         traces.append(tasks.make_trace(task, problems[i], failed[i], rates[i], rollouts.get(i, {}), rng,
                                        misses.get(i, {})))
     return traces
+
+
+# ----------------------------------------------------------------------------- one RL step of each arm
+ARMS = {  # arm -> where the per-episode J of its progress bonus comes from (None: no bonus)
+    "outcome": None,  # the 0/1 outcome reward only
+    "mrt": "mu",  # + α · progress, J(μ | x, z_{0:j}) from μ's Monte Carlo rollouts (the paper's definition)
+    "mrt_verdict": "verdict",  # + α · progress, J from the environment's verdicts alone (`verdict_values`)
+    "mrt_prefix": "prefix",  # the paper's RL form: answer now vs keep thinking from prefixes (`prefix_rollouts`)
+}
+
+
+@dataclass
+class Batch:
+    """What one REINFORCE step trains on: the rows contexts[i] + completions[i], the policy's (or μ's) tokens
+    credited per token with credit[i]; `stats` are the numbers to log."""
+    contexts: list[list[int]]
+    completions: list[list[int]]
+    credit: list[torch.Tensor]
+    stats: dict
+
+
+def rollouts(model, task, problems, cfg, arm: str, gen, meta_gen) -> Batch:
+    """The rollouts of one RL step and their credit. `problems` holds each problem cfg.rl_group times in a row;
+    `cfg` gives rl_group, max_think (the room of a whole completion), alpha and mc_rollouts. The policy samples
+    with `gen` and μ with `meta_gen`: μ's draws never shift the policy's, so with α = 0 every arm's streams match."""
+    return (prefix_rollouts if arm == "mrt_prefix" else stream_rollouts)(model, task, problems, cfg, arm, gen,
+                                                                          meta_gen)
+
+
+def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
+    """rl_group whole streams per problem, every token credited with the outcome advantage; the MRT arms add to
+    each token α times its own episode's progress bonus."""
+    prompts, completions = sample_completions(model, task, problems, cfg.max_think, gen)
+    rewards = torch.tensor([tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)],
+                           dtype=torch.float)
+    advantages = group_advantages(rewards.view(-1, cfg.rl_group)).flatten()
+    thinking = [split_completion(c)[0] for c in completions]
+    episodes = [split_episodes(t) for t in thinking]
+    if ARMS[arm] == "mu":
+        values = episode_values(MetaProver(model, task, generator=meta_gen), problems, prompts, episodes,
+                                cfg.mc_rollouts)
+    elif ARMS[arm] == "verdict":
+        values = [verdict_values(e) for e in episodes]
+    else:
+        values = [[0.0] * (len(e) + 1) for e in episodes]
+    bonuses = [progress_bonus(v) for v in values]
+    credit = [token_advantages(a, [len(e) for e in eps], b, cfg.alpha, len(c))
+              for a, eps, b, c in zip(advantages, episodes, bonuses, completions)]
+    flat = [b for bs in bonuses for b in bs]
+    return Batch(prompts, completions, credit, {
+        "reward": rewards.mean().item(), "tokens": sum(map(len, thinking)) / len(thinking),
+        "episodes": sum(map(len, episodes)) / len(episodes),
+        "progress": sum(flat) / len(flat) if ARMS[arm] and flat else None})
+
+
+def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
+    """MRT in the paper's RL form. Per problem, a stream from π' (the policy as this step starts) cut after a random
+    number j of episodes is the context c = x, z_{0:j-1}; from c, rl_group // 2 rollouts answer now (μ) and the
+    others keep thinking (c's thinking and the rollout together at most max_think tokens, as in the other arms).
+    Each is credited with `prefix_advantages`, on its own tokens only: c is not credited."""
+    unique = problems[::cfg.rl_group]
+    prompts, streams = sample_completions(model, task, unique, cfg.max_think, gen)
+    contexts = []
+    for prompt, stream in zip(prompts, streams):
+        episodes = split_episodes(split_completion(stream)[0])
+        j = int(torch.randint(max(1, len(episodes)), (), generator=meta_gen, device=meta_gen.device))  # 0..k-1
+        contexts.append(prompt + [t for e in episodes[:j] for t in e])
+    n_answer, n_think = cfg.rl_group // 2, cfg.rl_group - cfg.rl_group // 2
+    answers, answer_rewards = MetaProver(model, task, generator=meta_gen).answers(
+        unique, [c + [tasks.ANSWER_ID] for c in contexts], n_answer)
+    thoughts = complete(model, contexts, cfg.max_think, gen, samples=n_think, env=tasks.environment(task))
+    thought_rows, thought_rewards, thinking = [], [], []
+    for i, thought in enumerate(thoughts):
+        problem, prompt, context = unique[i // n_think], prompts[i // n_think], contexts[i // n_think]
+        thought = thought[:cfg.max_think - (len(context) - len(prompt))]  # the whole stream within max_think
+        stream = context[len(prompt):] + thought
+        thought_rows.append((context, thought))
+        thought_rewards.append(tasks.verify(task, problem, tasks.decode(stream)))
+        thinking.append(split_completion(stream)[0])
+    rewards = torch.cat([torch.tensor(answer_rewards, dtype=torch.float).view(-1, n_answer),
+                         torch.tensor(thought_rewards, dtype=torch.float).view(-1, n_think)], 1)  # (P, G)
+    advantages = prefix_advantages(rewards, n_answer, cfg.alpha)
+    rows = [(contexts[i // n_answer] + [tasks.ANSWER_ID], y, advantages[i // n_answer, i % n_answer])
+            for i, y in enumerate(answers)]
+    rows += [(c, y, advantages[i // n_think, n_answer + i % n_think]) for i, (c, y) in enumerate(thought_rows)]
+    return Batch([c for c, _, _ in rows], [y for _, y, _ in rows], [torch.full((len(y),), float(a)) for _, y, a in rows],
+                 {"reward": rewards[:, n_answer:].mean().item(), "answer_now": rewards[:, :n_answer].mean().item(),
+                  "tokens": sum(map(len, thinking)) / len(thinking),
+                  "episodes": sum(len(split_episodes(t)) for t in thinking) / len(thinking)})
+
+
+def rl_loss(model, task, batch: Batch) -> torch.Tensor:
+    """The REINFORCE loss of a batch, under grad. Only the tokens the policy wrote are credited: the environment's
+    are never sampled. A row whose context ends in <|answer|> was written by μ, which never draws <|backtrack|>."""
+    device = model.wte.weight.device
+    written = pad_sequence([torch.tensor([not e for e in tasks.environment_mask(task, c)], dtype=torch.float)
+                            for c in batch.completions], batch_first=True)
+    by_mu = [(tasks.BACKTRACK_ID,) if c[-1] == tasks.ANSWER_ID else () for c in batch.contexts]
+    logprobs = completion_logprobs(model, batch.contexts, batch.completions, (tasks.PAD_ID, *tasks.VERDICT_IDS), by_mu)
+    return reinforce_loss(logprobs, pad_sequence(batch.credit, batch_first=True).to(device), written.to(device))

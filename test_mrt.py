@@ -1,6 +1,8 @@
 """Tests: each one a small specification with the numbers written out. Run: python -m pytest -q"""
+import copy
 import json
 import random
+import zlib
 
 import numpy as np
 import pytest
@@ -321,9 +323,9 @@ def test_prefix_advantage_measures_thinking_on_against_answering_now():
 def test_prefix_arm_trains_on_its_rollouts_from_the_cut_streams_only():
     model, cfg = tiny_model(block_size=128), train.Config(rl_prompts=2, rl_group=4, max_think=40)
     problems = [p for p in tasks.make_split(TASK, 2, 1, seed=0)[0] for _ in range(4)]
-    contexts, completions, credit, _ = train.prefix_rollouts(model, TASK, problems, cfg, "mrt_prefix",
-                                                             torch.Generator().manual_seed(0),
-                                                             torch.Generator().manual_seed(1))
+    batch = mrt.prefix_rollouts(model, TASK, problems, cfg, "mrt_prefix", torch.Generator().manual_seed(0),
+                                torch.Generator().manual_seed(1))
+    contexts, completions, credit = batch.contexts, batch.completions, batch.credit
     assert len(contexts) == len(completions) == len(credit) == 8  # rl_group rollouts per problem
     for i, (c, y, a) in enumerate(zip(contexts, completions, credit)):
         problem = problems[::4][i // 2 % 2]  # answer-now rollouts first (2 per problem), then those that think on
@@ -479,12 +481,93 @@ def test_answer_tokens_fit_every_correct_answer():
             assert len(encode(task.prompt(p))) <= task.prompt_tokens()
 
 
+# ----------------------------------------------------------------------------- RL updates that the tests can see
+def coin_reward(task, problem, completion: str) -> int:
+    """A stand-in verifier for RL tests: a fixed coin flip per text (crc32 parity). An untrained model is almost
+    never right, so with the real verifier every reward and every bonus would be 0 and no RL update could be seen."""
+    return zlib.crc32(completion.encode()) % 2
+
+
+@pytest.fixture
+def coin_rewards(monkeypatch):
+    monkeypatch.setattr(tasks, "verify", coin_reward)
+
+
+def rl_batch(arm, alpha=1.0, model=None, seed=0):
+    """One RL step's rollouts of a tiny model on 2 problems x 4 samples, from fixed generators."""
+    model = model or tiny_model(block_size=128)
+    cfg = train.Config(rl_prompts=2, rl_group=4, max_think=40, alpha=alpha, mc_rollouts=2)
+    problems = [p for p in tasks.make_split(TASK, 2, 1, seed=0)[0] for _ in range(4)]
+    gens = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    return model, cfg, problems, mrt.rollouts(model, TASK, problems, cfg, arm, *gens)
+
+
+def surrogate(model, batch) -> float:
+    """Σ_t A_t log π(y_t) over the tokens the policy (or μ) wrote: what a REINFORCE step must raise."""
+    by_mu = [(tasks.BACKTRACK_ID,) if c[-1] == tasks.ANSWER_ID else () for c in batch.contexts]
+    with torch.no_grad():
+        lp = completion_logprobs(model, batch.contexts, batch.completions, (tasks.PAD_ID, *tasks.VERDICT_IDS), by_mu)
+    written = [torch.tensor([not e for e in tasks.environment_mask(TASK, y)]) for y in batch.completions]
+    return sum(float(torch.where(w, lp[i, :len(a)] * a, 0.0).sum())  # a verdict's log-prob is -inf: never drawn
+               for i, (w, a) in enumerate(zip(written, batch.credit)))
+
+
+@pytest.mark.parametrize("arm", list(mrt.ARMS))
+def test_one_rl_step_moves_the_weights_up_its_objective(arm, coin_rewards, monkeypatch):
+    model, cfg, problems, _ = rl_batch(arm)
+    seen, real = {}, mrt.rollouts
+    monkeypatch.setattr(mrt, "rollouts", lambda *a: seen.setdefault("batch", real(*a)))
+    before = copy.deepcopy(model)
+    train.rl_step(model, torch.optim.Adam(model.parameters(), lr=1e-4), TASK, problems, cfg, arm,
+                  torch.Generator().manual_seed(0), torch.Generator().manual_seed(1), torch.device("cpu"))
+    batch = seen["batch"]
+    assert any(float(a.abs().sum()) > 0 for a in batch.credit)  # the coin gives mixed rewards: a real update
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+    assert surrogate(model, batch) > surrogate(before, batch)  # ascended, not descended
+
+
+def test_mrt_credit_is_outcome_credit_plus_alpha_times_the_bonus(coin_rewards):
+    outcome = rl_batch("outcome")[3]
+    half, full, none = (rl_batch("mrt", alpha)[3] for alpha in (0.5, 1.0, 0.0))
+    assert full.completions == outcome.completions  # μ's draws do not shift the policy's
+    gaps = [(f - o, h - o) for f, h, o in zip(full.credit, half.credit, outcome.credit)]
+    assert any(float(f.abs().max()) > 0 for f, _ in gaps)  # some episode's progress bonus is not 0
+    assert all(torch.allclose(f, 2 * h) for f, h in gaps)  # the bonus enters as α · r_prg
+    assert all(torch.equal(n, o) for n, o in zip(none.credit, outcome.credit))  # α = 0: outcome RL exactly
+
+
+def test_verdict_bonus_is_read_off_the_environments_verdicts():
+    miss, hit = [encode("1+2=3\n"), tasks.MISSED_ID], [encode("3*4=12\n"), tasks.REACHED_ID]
+    flat = lambda *tokens: [t for x in tokens for t in (x if isinstance(x, list) else [x])]
+    episodes = [flat(*miss), flat(tasks.BACKTRACK_ID, *miss), flat(tasks.BACKTRACK_ID, *hit)]
+    assert mrt.verdict_values(episodes) == [0.0, 0.0, 0.0, 1.0]
+    assert mrt.progress_bonus(mrt.verdict_values(episodes)) == [0.0, 0.0, 1.0]
+
+
+def test_prefix_arm_baseline_moves_with_alpha_only(coin_rewards):
+    zero, one = (rl_batch("mrt_prefix", alpha, seed=3)[3] for alpha in (0.0, 1.0))  # seed 0's coins: no shift
+    assert zero.completions == one.completions and zero.contexts == one.contexts
+    shifts = [float((a - b)[0]) if len(a) else 0.0 for a, b in zip(one.credit, zero.credit)]
+    assert any(abs(s) > 0 for s in shifts)  # the baseline Ĵ(μ | x, c) replaces the group mean
+    for g in range(2):  # one baseline per problem: the same shift on each of its 4 rollouts (2 answer now, 2 think on)
+        rows = [2 * g, 2 * g + 1, 4 + 2 * g, 5 + 2 * g]
+        assert max(shifts[i] for i in rows) == pytest.approx(min(shifts[i] for i in rows))
+
+
 # ----------------------------------------------------------------------------- the pipeline
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """The smoke pipeline, rewarded by the coin (`coin_reward`) so that its RL stages move; the tests that run it
+    again to compare numbers use the coin too."""
     out = tmp_path_factory.mktemp("smoke")
-    train.main(["--smoke", "--out-dir", str(out)])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tasks, "verify", coin_reward)
+        train.main(["--smoke", "--out-dir", str(out)])
     return out, json.loads((out / "results.json").read_text())
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
 
 
 def numbers(results):
@@ -503,14 +586,21 @@ def test_smoke_run_writes_results(smoke_run):
     assert {"mrt - outcome", "mrt_prefix - outcome", "mrt_prefix - mrt", "mrt - base"} <= set(results["paired"])
     assert len(results["test_set"]) == n_test and results["machine"]
     assert (out / "log.jsonl").exists() and (out / "base.pt").exists()
+    accuracy = results["summary"]["outcome"]["accuracy"]
+    assert 0 < accuracy["low"] < accuracy["high"] < 1  # the coin: about half the streams are "right"
+    warm, outcome, mrt_ = (weights(out / f"{name}.pt") for name in ("warm", "rl_outcome_seed0", "rl_mrt_seed0"))
+    assert any(not torch.equal(warm[k], outcome[k]) for k in warm)  # RL moved the weights
+    assert any(not torch.equal(outcome[k], mrt_[k]) for k in warm)  # and MRT's bonus moved them elsewhere
+    curve = results["learning_curve"]["outcome"]
+    assert curve["steps"] == [0, cfg["rl_steps"]] and all(0 <= a <= 1 for a in curve["accuracy"])
 
 
-def test_same_seed_same_numbers(smoke_run, tmp_path):
+def test_same_seed_same_numbers(smoke_run, coin_rewards, tmp_path):
     train.main(["--smoke", "--out-dir", str(tmp_path)])
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(smoke_run[1])
 
 
-def test_interrupted_run_resumes_from_finished_stages(smoke_run, tmp_path, capsys):
+def test_interrupted_run_resumes_from_finished_stages(smoke_run, coin_rewards, tmp_path, capsys):
     out, results = smoke_run
     for name in ("base.pt", "warm.pt"):  # as if the run had been stopped during the RL stage
         (tmp_path / name).write_bytes((out / name).read_bytes())
@@ -519,7 +609,7 @@ def test_interrupted_run_resumes_from_finished_stages(smoke_run, tmp_path, capsy
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(results)
 
 
-def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, tmp_path, monkeypatch, capsys):
+def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, coin_rewards, tmp_path, monkeypatch, capsys):
     calls, real = [], train.check_finite
 
     def interrupt_at_step_12(loss, model, stage):  # check_finite runs once per training step
@@ -537,12 +627,38 @@ def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, 
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(smoke_run[1])
 
 
+def test_an_rl_stage_interrupted_midway_resumes_to_the_same_weights(smoke_run, coin_rewards, tmp_path, monkeypatch):
+    flags = ["--smoke", "--rl-steps", "4", "--snapshot-every", "2", "--arms", "outcome,mrt"]
+    calls, real = [], train.check_finite
+
+    def interrupt_at_rl_step_3(loss, model, stage):  # base and warm are loaded: every call is an RL step
+        calls.append(stage)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(loss, model, stage)
+    for run in ("whole", "interrupted"):
+        for name in ("base.pt", "warm.pt"):
+            (tmp_path / run).mkdir(exist_ok=True)
+            (tmp_path / run / name).write_bytes((smoke_run[0] / name).read_bytes())
+    train.main(flags + ["--out-dir", str(tmp_path / "whole")])
+    monkeypatch.setattr(train, "check_finite", interrupt_at_rl_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(flags + ["--out-dir", str(tmp_path / "interrupted")])
+    assert torch.load(tmp_path / "interrupted" / "rl_outcome_seed0.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(train, "check_finite", real)
+    train.main(flags + ["--out-dir", str(tmp_path / "interrupted")])
+    for arm in ("outcome", "mrt"):
+        whole, resumed = (weights(tmp_path / run / f"rl_{arm}_seed0.pt") for run in ("whole", "interrupted"))
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert any(not torch.equal(whole[k], weights(tmp_path / "whole" / "warm.pt")[k]) for k in whole)
+
+
 def test_second_task_trains_end_to_end(tmp_path):
     train.main(["--smoke", "--task", "chain", "--out-dir", str(tmp_path)])
     assert json.loads((tmp_path / "results.json").read_text())["config"]["task"] == "chain"
 
 
-def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, tmp_path):
+def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, coin_rewards, tmp_path):
     for name in ("base.pt", "warm.pt"):
         (tmp_path / name).write_bytes((smoke_run[0] / name).read_bytes())
     train.main(["--smoke", "--out-dir", str(tmp_path), "--alpha", "0", "--rl-steps", "4"])

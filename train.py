@@ -18,13 +18,12 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import evaluation
 import mrt
 import tasks
-from model import GPT, GPTConfig, autocast, completion_logprobs
+from model import GPT, GPTConfig, autocast
 
 
 def opt(default, help, low=None):
@@ -70,9 +69,9 @@ class Config:
     restart: str = opt("best", "where a trace backtracks to after a failed z_0: best (the step whose Monte Carlo "
                                "restarts succeed most, the paper's recipe) or scratch (step 0)")
     # stage 3: RL
-    arms: str = opt("outcome,mrt", "RL arms, comma-separated: outcome (0/1 reward), mrt (+ each "
-                                              "episode's progress bonus) and mrt_prefix (the paper's RL form: prefixes "
-                                              "of the previous policy, answer now vs keep thinking)")
+    arms: str = opt("outcome,mrt", "RL arms, comma-separated: outcome (0/1 reward), mrt (+ each episode's progress "
+                                   "bonus, J from μ), mrt_verdict (the same with J read off the verdicts: no μ) and "
+                                   "mrt_prefix (the paper's RL form: answer now vs keep thinking from prefixes)")
     rl_steps: int = opt(40, "REINFORCE steps per arm", 0)
     rl_prompts: int = opt(16, "problems per RL step", 1)
     rl_group: int = opt(8, "samples per problem (the group of the baseline)", 1)
@@ -81,6 +80,8 @@ class Config:
     mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})", 1)
     max_think: int = opt(64, "completion tokens the policy may write during RL", 1)
     rl_seeds: int = opt(3, "RL seeds (each runs both arms from the same warm start)", 1)
+    curve_every: int = opt(25, "RL steps between held-out accuracy checks, the learning curve (0: none)", 0)
+    curve_streams: int = opt(2, "sampled streams per test problem at each learning-curve check", 1)
     # evaluation
     eval_streams: int = opt(16, "sampled streams per test problem (accuracy, pass@k, majority vote, tokens)", 1)
     value_streams: int = opt(2, "of those, streams per problem that μ scores (J, regret, budget-forced accuracy)", 1)
@@ -211,9 +212,10 @@ STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "max_think", "restart"],  # max_think: traces
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
     "mrt": ["alpha", "mc_rollouts"],
+    "mrt_verdict": ["alpha"],
     "mrt_prefix": ["alpha"],
 }
-ARMS = ["outcome", "mrt", "mrt_prefix"]
+ARMS = list(mrt.ARMS)
 
 
 def stage_config(cfg: Config, stage: str) -> dict:
@@ -381,99 +383,52 @@ def greedy_accuracy(model, task, problems, cfg) -> float:
 
 # ----------------------------------------------------------------------------- RL: outcome vs MRT
 def rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device) -> dict:
-    """One on-policy REINFORCE step on a group of rollouts per problem; returns the numbers to log.
-
-    The policy samples with `gen` and μ with `meta_gen`: μ's draws never shift the policy's, so with α = 0 the MRT
-    arm takes exactly the outcome arm's steps.
-    """
+    """One on-policy REINFORCE step of `arm` (see `mrt.rollouts`); returns the numbers to log."""
     model.eval()
     with autocast(device):
-        rollouts = prefix_rollouts if arm == "mrt_prefix" else stream_rollouts
-        contexts, completions, credit, row = rollouts(model, task, problems, cfg, arm, gen, meta_gen)
-    # Credit the tokens the policy wrote, each with its advantage; the environment's tokens get none (never sampled).
-    written = pad_sequence([torch.tensor([not e for e in tasks.environment_mask(task, c)], dtype=torch.float)
-                            for c in completions], batch_first=True)
-    answered_by_mu = [(tasks.BACKTRACK_ID,) if c[-1] == tasks.ANSWER_ID else () for c in contexts]  # μ forbids it
+        batch = mrt.rollouts(model, task, problems, cfg, arm, gen, meta_gen)
     model.train()
     with autocast(device):
-        logprobs = completion_logprobs(model, contexts, completions, (tasks.PAD_ID, *tasks.VERDICT_IDS), answered_by_mu)
-        loss = mrt.reinforce_loss(logprobs, pad_sequence(credit, batch_first=True).to(device), written.to(device))
+        loss = mrt.rl_loss(model, task, batch)
     optimizer_step(model, optimizer, loss, arm)
-    return {**row, "loss": loss.item()}
+    return {**batch.stats, "loss": loss.item()}
 
 
-def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen):
-    """Outcome RL and MRT: rl_group whole streams per problem, every token credited with the outcome advantage; MRT
-    adds to each token α times its own episode's progress bonus, from μ = the current policy forced to answer."""
-    prompts, completions = mrt.sample_completions(model, task, problems, cfg.max_think, gen)
-    rewards = torch.tensor([tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)],
-                           dtype=torch.float)
-    advantages = mrt.group_advantages(rewards.view(cfg.rl_prompts, cfg.rl_group)).flatten()
-    episodes = [mrt.split_episodes(mrt.split_completion(c)[0]) for c in completions]
-    bonuses = [[0.0] * len(e) for e in episodes]
-    if arm == "mrt":
-        values = mrt.episode_values(mrt.MetaProver(model, task, generator=meta_gen), problems, prompts, episodes,
-                                    cfg.mc_rollouts)
-        bonuses = [mrt.progress_bonus(v) for v in values]
-    credit = [mrt.token_advantages(a, [len(e) for e in eps], b, cfg.alpha, len(c))
-              for a, eps, b, c in zip(advantages, episodes, bonuses, completions)]
-    flat, thinking = [b for bs in bonuses for b in bs], [mrt.split_completion(c)[0] for c in completions]
-    return prompts, completions, credit, {
-        "reward": rewards.mean().item(), "tokens": sum(map(len, thinking)) / len(thinking),
-        "episodes": sum(map(len, episodes)) / len(episodes),
-        "progress": sum(flat) / len(flat) if arm == "mrt" and flat else None}
-
-
-def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen):
-    """MRT in the paper's RL form. Per problem, a stream from π' (the policy as this step starts) cut after a random
-    number j of episodes is the context c = x, z_{0:j-1}; from c, rl_group // 2 rollouts answer now (μ) and the
-    others keep thinking (the stream, c's thinking included, up to max_think tokens as in the other arms). Each is
-    credited with `mrt.prefix_advantages`, on its own tokens only: c is not credited."""
-    unique = problems[::cfg.rl_group]
-    prompts, streams = mrt.sample_completions(model, task, unique, cfg.max_think, gen)
-    contexts = []
-    for prompt, stream in zip(prompts, streams):
-        episodes = mrt.split_episodes(mrt.split_completion(stream)[0])
-        j = int(torch.randint(max(1, len(episodes)), (), generator=meta_gen))  # 0 .. k-1 episodes kept
-        contexts.append(prompt + [t for e in episodes[:j] for t in e])
-    n_answer, n_think = cfg.rl_group // 2, cfg.rl_group - cfg.rl_group // 2
-    answers, answer_rewards = mrt.MetaProver(model, task, generator=meta_gen).answers(
-        unique, [c + [tasks.ANSWER_ID] for c in contexts], n_answer)
-    thoughts = mrt.complete(model, contexts, cfg.max_think, gen, samples=n_think, env=tasks.environment(task))
-    budget = lambda i: cfg.max_think - (len(contexts[i // n_think]) - len(prompts[i // n_think]))
-    thoughts = [t[:budget(i)] for i, t in enumerate(thoughts)]  # a whole stream: max_think tokens, as in other arms
-    whole = [contexts[i // n_think][len(prompts[i // n_think]):] + t for i, t in enumerate(thoughts)]  # c's z + rollout
-    thought_rewards = [tasks.verify(task, unique[i // n_think], tasks.decode(s)) for i, s in enumerate(whole)]
-    rewards = torch.cat([torch.tensor(answer_rewards, dtype=torch.float).view(-1, n_answer),
-                         torch.tensor(thought_rewards, dtype=torch.float).view(-1, n_think)], 1)  # (P, G)
-    advantages = mrt.prefix_advantages(rewards, n_answer, cfg.alpha)
-    rows = [(contexts[i // n_answer] + [tasks.ANSWER_ID], y, advantages[i // n_answer, i % n_answer])
-            for i, y in enumerate(answers)]
-    rows += [(contexts[i // n_think], y, advantages[i // n_think, n_answer + i % n_think])
-             for i, y in enumerate(thoughts)]
-    thinking = [mrt.split_completion(s)[0] for s in whole]
-    return [c for c, _, _ in rows], [y for _, y, _ in rows], [torch.full((len(y),), float(a)) for _, y, a in rows], {
-        "reward": rewards[:, n_answer:].mean().item(), "answer_now": rewards[:, :n_answer].mean().item(),
-        "tokens": sum(map(len, thinking)) / len(thinking),
-        "episodes": sum(len(mrt.split_episodes(t)) for t in thinking) / len(thinking)}
-
-
-def train_rl(model, task, train, cfg, arm, seed, device, log, checkpoint):
-    """REINFORCE from the warm start. Both arms see the same problems in the same order (the data seed is shared)."""
+def train_rl(model, task, train, test, cfg, arm, seed, device, log, checkpoint):
+    """REINFORCE from the warm start. Both arms see the same problems in the same order (the data seed is shared).
+    Every --curve-every steps, and after the last, the held-out accuracy is logged: the learning curve."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
     data = random.Random(seed)
     gen, meta_gen = torch.Generator(device).manual_seed(seed), torch.Generator(device).manual_seed(seed + 10_007)
     start = checkpoint.resume(model, optimizer, [data, gen, meta_gen])
     bar = tqdm(range(start, cfg.rl_steps), desc=f"rl {arm} seed {seed}", initial=start, total=cfg.rl_steps,
                dynamic_ncols=True)
+    check = lambda step: log(stage="heldout", arm=arm, seed=seed, step=step,
+                             accuracy=heldout_accuracy(model, task, test, cfg, device))
     for step in bar:
+        if cfg.curve_every and step % cfg.curve_every == 0:
+            check(step)
         problems = [p for p in data.sample(train, cfg.rl_prompts) for _ in range(cfg.rl_group)]
         row = rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device)
         log(stage=f"rl_{arm}", seed=seed, step=step, **row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", episodes=f"{row['episodes']:.2f}")
         checkpoint.step_done(step + 1, model, optimizer, [data, gen, meta_gen])
+    if cfg.curve_every:
+        check(cfg.rl_steps)
     checkpoint.save(cfg.rl_steps, model, optimizer, [data, gen, meta_gen])  # the finished stage
     return model
+
+
+def heldout_accuracy(model, task, problems, cfg, device) -> float:
+    """Share of right streams among --curve-streams sampled streams per test problem, at the evaluation's room.
+    Every check draws the same random numbers (a generator of its own): the curve moves with the model only."""
+    model.eval()
+    gen = torch.Generator(device).manual_seed(cfg.seed + 777)
+    with autocast(device):
+        _, completions = mrt.sample_completions(model, task, problems, evaluation.thinking_room(cfg, task, problems),
+                                                gen, samples=cfg.curve_streams)
+    rewards = [tasks.verify(task, problems[i // cfg.curve_streams], tasks.decode(c)) for i, c in enumerate(completions)]
+    return sum(rewards) / len(rewards)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -545,8 +500,8 @@ def run(cfg: Config) -> dict:
     for seed in range(cfg.seed, cfg.seed + cfg.rl_seeds):
         for arm in arms:
             key = {**stage_config(cfg, arm), "rl_seed": seed}
-            train_arm = lambda checkpoint: train_rl(copy.deepcopy(warm), task, train, cfg, arm, seed, device, log,
-                                                    checkpoint)
+            train_arm = lambda checkpoint: train_rl(copy.deepcopy(warm), task, train, test, cfg, arm, seed, device,
+                                                    log, checkpoint)
             models[arm].append(stage(f"rl_{arm}_seed{seed}", key, cfg.rl_steps, train_arm))
 
     start = time.time()
@@ -557,6 +512,8 @@ def run(cfg: Config) -> dict:
     results = {"config": asdict(cfg), "machine": evaluation.machine(), "device": str(device),
                "train_problems": len(train), "test_problems": len(test), "stage_seconds": timings,
                "test_set": [task.prompt(p)[len(tasks.BOS):].strip() for p in test],
+               "learning_curve": evaluation.learning_curves(os.path.join(cfg.out_dir, "log.jsonl"), arms,
+                                                            list(range(cfg.seed, cfg.seed + cfg.rl_seeds))),
                **evaluation.report(evals, cfg.seed)}
     with open(os.path.join(cfg.out_dir, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=1)
