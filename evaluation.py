@@ -79,7 +79,29 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         # Per problem: of the streams that backtracked after a wrong z_0, [how many ended right, how many there were].
         "after_backtrack": np.stack([(right * backtracked * (1 - first_right)).sum(1),
                                      (backtracked * (1 - first_right)).sum(1)], 1).astype(int).tolist(),
+        "episode_bonuses": [row for eps, J in zip(episodes, values) for row in episode_bonuses(task, eps, J)],
     }
+
+
+def episode_bonuses(task, episodes, J) -> list:
+    """[j, r_prg(z_j), 1[z_j reached the target], 1[z_j repeats an earlier attempt of its stream]] for the episodes
+    that J covers: what μ's progress bonus says beyond the environment's verdict."""
+    attempts = tasks.parse_output(tasks.decode(t for e in episodes for t in e)).attempts
+    keys = [tasks.answer_key(task, a) for a in attempts] if len(attempts) == len(episodes) else [None] * len(episodes)
+    return [[j, J[j + 1] - J[j], int(tasks.REACHED_ID in episodes[j]), int(keys[j] is not None and keys[j] in keys[:j])]
+            for j in range(min(len(episodes), len(J) - 1))]
+
+
+def bonus_measures(evals: list[dict]) -> dict:
+    """Pooled over streams and seeds: corr(r_prg, 1[reached]) and the mean bonus of each kind of episode."""
+    rows = np.array([r for e in evals for r in e["episode_bonuses"]], dtype=float).reshape(-1, 4)
+    j, bonus, reached, repeat = rows.T
+    kinds = {"missed z_0": (j == 0) & (reached == 0), "reached z_0": (j == 0) & (reached == 1),
+             "later reached": (j > 0) & (reached == 1), "later missed, new": (j > 0) & (reached == 0) & (repeat == 0),
+             "later missed, repeat": (j > 0) & (reached == 0) & (repeat == 1)}
+    corr = float(np.corrcoef(bonus, reached)[0, 1]) if len(rows) > 1 and bonus.std() and reached.std() else None
+    return {"corr_with_reached": corr,
+            **{k: {"mean": float(bonus[w].mean()) if w.any() else None, "n": int(w.sum())} for k, w in kinds.items()}}
 
 
 def score_stream(task, problem, completion) -> dict:
@@ -176,6 +198,7 @@ def report(evals: dict, seed: int) -> dict:
     return {"budgets": budgets, "summary": summary, "paired": paired,
             "backtrack_rates": {name: {k: pooled_rate(e, k) for k in RATES} for name, e in evals.items()},
             "after_backtrack": {name: after_backtrack(e, evals["base"][0]) for name, e in evals.items()},
+            "progress_bonus": {name: bonus_measures(e) for name, e in evals.items()},
             "tokens_to_reach_base_accuracy": {"target": target, **reach},
             "tokens_to_reach_outcome_accuracy": {"target": target_rl, **reach_rl}, "per_problem": evals}
 
@@ -267,6 +290,13 @@ def print_table(results: dict, cfg):
           "on the same problems):")
     for name, a in results["after_backtrack"].items():
         print(f"  {name:<11}{a['accuracy']:.3f} of {a['streams']:>5} streams  ({a['base_accuracy_same_problems']:.3f})")
+    print("μ's progress bonus r_prg per episode (value streams): correlation with 1[the episode reached the target]; "
+          "mean bonus (count) by kind of episode:")
+    for name, b in results["progress_bonus"].items():
+        corr = "n/a" if b["corr_with_reached"] is None else f"{b['corr_with_reached']:.2f}"
+        print(f"  {name:<11}corr {corr:>5}  " + "  ".join(
+            f"{k} {'n/a' if v['mean'] is None else format(v['mean'], '+.3f')} ({v['n']})"
+            for k, v in b.items() if k != "corr_with_reached"))
     for arm, curve in results.get("learning_curve", {}).items():
         print(f"held-out accuracy during RL, {arm:<11}" + "  ".join(f"step {s}: {a:.3f}" for s, a in
                                                                  zip(curve["steps"], curve["accuracy"])))

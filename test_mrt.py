@@ -728,6 +728,15 @@ def test_bad_options_exit_with_one_clear_line(flags, message, smoke_run, capsys)
     assert message in err and "Traceback" not in err
 
 
+def test_episode_bonuses_mark_reached_and_repeated_attempts():
+    miss = "1+2=3\n3*3=9\n" + tasks.MISSED  # (1, 2, 3) -> 9, not the target 6
+    stream = encode(miss + BACKTRACK + "0\n" + miss + BACKTRACK + "0\n2*3=6\n6*1=6\n" + tasks.REACHED)
+    rows = evaluation.episode_bonuses(TASK, mrt.split_episodes(stream), [0.25, 0.0, 0.0, 1.0])
+    assert rows == [[0, -0.25, 0, 0], [1, 0.0, 0, 1], [2, 1.0, 1, 0]]  # [j, r_prg, reached, repeat]
+    measures = evaluation.bonus_measures([{"episode_bonuses": rows}])
+    assert measures["later missed, repeat"] == {"mean": 0.0, "n": 1} and measures["reached z_0"]["n"] == 0
+
+
 def test_tokens_to_reach_is_the_first_budget_at_the_target():
     assert evaluation.tokens_to_reach([0, 8, 16, 24], [0.1, 0.3, 0.2, 0.5], 0.3) == 8
     assert evaluation.tokens_to_reach([0, 8], [0.1, 0.2], 0.3) is None
