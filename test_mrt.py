@@ -264,6 +264,13 @@ def test_split_episodes_on_hand_written_streams():
         assert [t for e in mrt.split_episodes(stream) for t in e] == stream
 
 
+def test_split_lines_cuts_after_each_line_and_keeps_verdicts_with_their_line():
+    stream = encode("1+2=3\n3*3=9\n" + tasks.MISSED + BACKTRACK + "1\n3+3=6\n")
+    assert [decode(e) for e in mrt.split_lines(stream)] == ["1+2=3\n", "3*3=9\n" + tasks.MISSED, BACKTRACK + "1\n",
+                                                            "3+3=6\n"]
+    assert sum(mrt.split_lines(stream), []) == stream
+
+
 def test_J_after_a_backtrack_on_a_hand_built_stream():
     """z_0 misses, z_1 = backtrack line + a right attempt. μ is asked to answer after x, after z_0 and after z_{0:1},
     never right after a backtrack line; a μ that copies the last attempt gives J = 0, 0, 1: progress 0, then +1."""
@@ -609,7 +616,8 @@ def test_interrupted_run_resumes_from_finished_stages(smoke_run, coin_rewards, t
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(results)
 
 
-def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, coin_rewards, tmp_path, monkeypatch, capsys):
+def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, coin_rewards, tmp_path, monkeypatch,
+                                                                     capsys):
     calls, real = [], train.check_finite
 
     def interrupt_at_step_12(loss, model, stage):  # check_finite runs once per training step
