@@ -426,6 +426,12 @@ class Trace:
         return [(first, False), *retry, (solve, True)]
 
 
+    def answer_after_miss(self, task) -> list[tuple[str, bool]]:
+        """μ's example after the failed z_0: forced to answer, the solution that keeps z_0's best k steps."""
+        steps = self.first_attempt[:self.keep] + self.new_steps
+        return [(attempt_text(task, self.problem, self.first_attempt) + ANSWER, False), (steps_text(steps) + EOS, True)]
+
+
 def restart_steps(task, problem, attempt) -> list[int]:
     """Steps k worth backtracking to: z_0's first k steps are legal and a solution goes on with a *different* step k."""
     last = min(valid_prefix(task, problem, attempt), len(attempt) - 1) if attempt else 0

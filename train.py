@@ -66,6 +66,8 @@ class Config:
     warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step", 1)
     warm_steps: int = opt(300, "warm-start SFT steps", 0)
     warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
+    mu_after_miss: float = opt(0.0, "share of the backtracking traces that also teach μ to answer right after the "
+                                    "failed z_0, with the solution that its best restart point leads to", 0)
     restart: str = opt("best", "where a trace backtracks to after a failed z_0: best (the step whose Monte Carlo "
                                "restarts succeed most, the paper's recipe) or scratch (step 0)")
     # stage 3: RL
@@ -210,7 +212,7 @@ STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "base": ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
              "block_size", "seed", "base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob",
              "practice_per_problem", "model_only", "no_env_loss"],
-    "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "max_think", "restart"],  # max_think: traces
+    "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "max_think", "restart", "mu_after_miss"],
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
     "mrt": ["alpha", "mc_rollouts"],
     "mrt_steps": ["alpha", "mc_rollouts"],
@@ -218,6 +220,7 @@ STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "mrt_prefix": ["alpha"],
 }
 ARMS = list(mrt.ARMS)
+DEFAULTS = {f.name: f.default for f in fields(Config)}
 
 
 def stage_config(cfg: Config, stage: str) -> dict:
@@ -258,8 +261,9 @@ class Checkpoint:
     def __init__(self, path: str, stage_cfg: dict, steps: int, cfg: Config):
         self.path, self.stage_cfg, self.steps, self.every = path, stage_cfg, steps, cfg.snapshot_every
         self.blob = None if cfg.fresh or not os.path.exists(path) else load_checkpoint(path, "cpu")
-        if self.blob and self.blob["stage_config"] != stage_cfg:
-            diff = sorted(k for k in stage_cfg if self.blob["stage_config"].get(k) != stage_cfg[k])
+        saved = {**DEFAULTS, **self.blob["stage_config"]} if self.blob else {}  # an older file lacks newer options
+        diff = sorted(k for k in stage_cfg if self.blob and saved.get(k) != stage_cfg[k])
+        if diff:
             raise UserError(f"{path} was made with different options ({', '.join(diff)}); "
                             f"pass --fresh to overwrite it or choose another --out-dir")
 
@@ -490,7 +494,10 @@ def run(cfg: Config) -> dict:
         log(stage="warm", traces=len(traces), backtrack_traces=backtracks)
         # Replay base examples too (one problem's worth per `solutions_per_problem` traces): keeps the skills and μ.
         replay = examples(r.sample(train, min(len(train), max(1, len(traces) // cfg.solutions_per_problem))), r)
-        X, Y = sft_tensors(task, [(t.problem, t.pieces(task)) for t in traces] + replay, cfg.block_size,
+        # μ after a miss (--mu-after-miss): answer with the solution the stream's best restart point leads to.
+        mu = [(t.problem, t.answer_after_miss(task)) for t in traces
+              if t.keep is not None and r.random() < cfg.mu_after_miss]
+        X, Y = sft_tensors(task, [(t.problem, t.pieces(task)) for t in traces] + replay + mu, cfg.block_size,
                            not cfg.no_env_loss)
         return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, torch_gen("warm"),
                          "warm-start", log, checkpoint)
