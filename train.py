@@ -75,16 +75,16 @@ class Config:
                                    "bonus, J from μ), mrt_steps (an episode per line), mrt_verdict (J read off the "
                                    "verdicts: no μ) and mrt_prefix (the paper's RL form: answer now vs keep thinking "
                                    "from prefixes)")
-    rl_steps: int = opt(40, "REINFORCE steps per arm", 0)
+    rl_steps: int = opt(200, "REINFORCE steps per arm", 0)
     rl_prompts: int = opt(16, "problems per RL step", 1)
     rl_group: int = opt(8, "samples per problem (the group of the baseline)", 1)
     rl_lr: float = opt(1e-4, "RL learning rate (constant)")
     alpha: float = opt(1.0, "weight α of the progress bonus in the MRT reward", 0)
     mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})", 1)
     max_think: int = opt(64, "completion tokens the policy may write during RL", 1)
-    rl_seeds: int = opt(3, "RL seeds (each runs both arms from the same warm start)", 1)
-    curve_every: int = opt(25, "RL steps between held-out accuracy checks, the learning curve (0: none)", 0)
-    curve_streams: int = opt(2, "sampled streams per test problem at each learning-curve check", 1)
+    rl_seeds: int = opt(1, "RL seeds (each runs every arm from the same warm start)", 1)
+    curve_every: int = opt(40, "RL steps between held-out accuracy checks, the learning curve (0: none)", 0)
+    curve_streams: int = opt(4, "sampled streams per test problem at each learning-curve check", 1)
     # evaluation
     eval_streams: int = opt(16, "sampled streams per test problem (accuracy, pass@k, majority vote, tokens)", 1)
     value_streams: int = opt(2, "of those, streams per problem that μ scores (J, regret, budget-forced accuracy)", 1)
