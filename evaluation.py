@@ -84,21 +84,24 @@ def evaluate(model, task, problems, cfg, device) -> dict:
 
 
 def episode_bonuses(task, episodes, J) -> list:
-    """[j, r_prg(z_j), 1[z_j reached the target], 1[z_j repeats an earlier attempt of its stream]] for the episodes
-    that J covers: what μ's progress bonus says beyond the environment's verdict."""
+    """[j, r_prg(z_j), its verdict (1 reached, 0 missed, -1 none: unfinished), 1[z_j repeats an earlier attempt of
+    its stream]] for the episodes that J covers: what μ's progress bonus says beyond the environment's verdict."""
     attempts = tasks.parse_output(tasks.decode(t for e in episodes for t in e)).attempts
     keys = [tasks.answer_key(task, a) for a in attempts] if len(attempts) == len(episodes) else [None] * len(episodes)
-    return [[j, J[j + 1] - J[j], int(tasks.REACHED_ID in episodes[j]), int(keys[j] is not None and keys[j] in keys[:j])]
+    verdict = lambda e: 1 if tasks.REACHED_ID in e else 0 if tasks.MISSED_ID in e else -1
+    return [[j, J[j + 1] - J[j], verdict(episodes[j]), int(keys[j] is not None and keys[j] in keys[:j])]
             for j in range(min(len(episodes), len(J) - 1))]
 
 
 def bonus_measures(evals: list[dict]) -> dict:
     """Pooled over streams and seeds: corr(r_prg, 1[reached]) and the mean bonus of each kind of episode."""
     rows = np.array([r for e in evals for r in e["episode_bonuses"]], dtype=float).reshape(-1, 4)
-    j, bonus, reached, repeat = rows.T
-    kinds = {"missed z_0": (j == 0) & (reached == 0), "reached z_0": (j == 0) & (reached == 1),
-             "later reached": (j > 0) & (reached == 1), "later missed, new": (j > 0) & (reached == 0) & (repeat == 0),
-             "later missed, repeat": (j > 0) & (reached == 0) & (repeat == 1)}
+    j, bonus, verdict, repeat = rows.T
+    reached, missed = verdict == 1, verdict == 0
+    later = j > 0
+    kinds = {"missed z_0": ~later & missed, "reached z_0": ~later & reached, "later reached": later & reached,
+             "later missed, new": later & missed & (repeat == 0), "later missed, repeat": later & missed & (repeat == 1),
+             "unfinished": verdict == -1}
     corr = float(np.corrcoef(bonus, reached)[0, 1]) if len(rows) > 1 and bonus.std() and reached.std() else None
     return {"corr_with_reached": corr,
             **{k: {"mean": float(bonus[w].mean()) if w.any() else None, "n": int(w.sum())} for k, w in kinds.items()}}
@@ -227,8 +230,12 @@ def tokens_to_reach(budgets: list, accuracy: list, target: float):
 def learning_curves(log_path: str, arms: list, seeds: list) -> dict:
     """{arm: {"steps": [...], "accuracy": [held-out accuracy at each step, mean over seeds]}} from log.jsonl (a
     later run in the same out-dir overwrites an earlier one's checks); steps that not every seed has are left out."""
-    rows = [json.loads(line) for line in open(log_path)]
-    found = {(r["arm"], r["seed"], r["step"]): r["accuracy"] for r in rows if r.get("stage") == "heldout"}
+    found = {}
+    for r in map(json.loads, open(log_path)):
+        if r.get("stage") == "heldout":
+            if r["step"] == 0:  # a stage trained afresh: forget the checks of an earlier run of it
+                found = {k: v for k, v in found.items() if k[:2] != (r["arm"], r["seed"])}
+            found[r["arm"], r["seed"], r["step"]] = r["accuracy"]
     curves = {}
     for arm in arms:
         steps = sorted({s for a, _, s in found if a == arm and all((arm, seed, s) in found for seed in seeds)})

@@ -37,8 +37,9 @@ def split_lines(thinking: list[int]) -> list[list[int]]:
     ends, episodes = (tasks.NEWLINE_ID, *tasks.VERDICT_IDS), [[]]
     for tok, after in zip(thinking, thinking[1:] + [None]):
         episodes[-1].append(tok)
-        if tok in ends and after not in tasks.VERDICT_IDS:  # a verdict belongs to the line it judges
-            episodes.append([])
+        backtrack_line = episodes[-1][0] == tasks.BACKTRACK_ID and episodes[-1].count(tasks.NEWLINE_ID) == 1
+        if tok in ends and after not in tasks.VERDICT_IDS and not backtrack_line:  # a verdict: with its line
+            episodes.append([])  # (a backtrack line goes with the line after it: μ never answers right after it)
     return [e for e in episodes if e]
 
 
@@ -53,8 +54,8 @@ def split_completion(completion: list[int]):
 def forced_answer_context(prompt: list[int], episodes: list[list[int]], j: int) -> list[int]:
     """The input of μ after j episodes: x, z_{0:j-1}, then <|answer|> (the model must answer now).
 
-    A stream cut by the room may end in an unfinished line or a backtrack line: μ answers from its complete lines
-    (`budget_cut`), as it does under a token budget. Whole episodes are kept as they are."""
+    μ answers from complete lines and never right after a backtrack line (`budget_cut`), as under a token budget:
+    this trims a stream cut by the room, or an episode abandoned mid-line; it keeps every other prefix as it is."""
     thinking = [t for e in episodes[:j] for t in e]
     return prompt + budget_cut(thinking, len(thinking)) + [tasks.ANSWER_ID]
 
@@ -222,10 +223,13 @@ def budget_cut(thinking: list[int], budget: int) -> list[int]:
     answers from complete lines, and never right after a backtrack line (see `split_episodes`)."""
     ends = (tasks.NEWLINE_ID, *tasks.VERDICT_IDS)
     cut = thinking[:budget]
-    while cut and cut[-1] not in ends:
-        cut.pop()
-    last_line = max((i + 1 for i, t in enumerate(cut[:-1]) if t in ends), default=0)
-    return cut[:last_line] if cut[last_line:last_line + 1] == [tasks.BACKTRACK_ID] else cut
+    while True:
+        while cut and cut[-1] not in ends:
+            cut.pop()
+        last_line = max((i + 1 for i, t in enumerate(cut[:-1]) if t in ends), default=0)
+        if cut[last_line:last_line + 1] != [tasks.BACKTRACK_ID]:
+            return cut
+        cut = cut[:last_line]  # and look again: backtrack lines may follow one another
 
 
 def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, n_rollouts=1) -> list[list[float]]:
@@ -311,7 +315,8 @@ class Batch:
 def rollouts(model, task, problems, cfg, arm: str, gen, meta_gen) -> Batch:
     """The rollouts of one RL step and their credit. `problems` holds each problem cfg.rl_group times in a row;
     `cfg` gives rl_group, max_think (the room of a whole completion), alpha and mc_rollouts. The policy samples
-    with `gen` and μ with `meta_gen`: μ's draws never shift the policy's, so with α = 0 every arm's streams match."""
+    with `gen` and μ with `meta_gen`: μ's draws never shift the policy's, so every stream arm (all but
+    mrt_prefix) samples the same streams."""
     return (prefix_rollouts if arm == "mrt_prefix" else stream_rollouts)(model, task, problems, cfg, arm, gen,
                                                                           meta_gen)
 
@@ -349,14 +354,14 @@ def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
     Each is credited with `prefix_advantages`, on its own tokens only: c is not credited."""
     unique = problems[::cfg.rl_group]
     prompts, streams = sample_completions(model, task, unique, cfg.max_think, gen)
-    contexts = []
+    contexts, answer_now = [], []  # c, and μ's input after it
     for prompt, stream in zip(prompts, streams):
         episodes = split_episodes(split_completion(stream)[0])
         j = int(torch.randint(max(1, len(episodes)), (), generator=meta_gen, device=meta_gen.device))  # 0..k-1
         contexts.append(prompt + [t for e in episodes[:j] for t in e])
+        answer_now.append(forced_answer_context(prompt, episodes, j))
     n_answer, n_think = cfg.rl_group // 2, cfg.rl_group - cfg.rl_group // 2
-    answers, answer_rewards = MetaProver(model, task, generator=meta_gen).answers(
-        unique, [c + [tasks.ANSWER_ID] for c in contexts], n_answer)
+    answers, answer_rewards = MetaProver(model, task, generator=meta_gen).answers(unique, answer_now, n_answer)
     thoughts = complete(model, contexts, cfg.max_think, gen, samples=n_think, env=tasks.environment(task))
     thought_rows, thought_rewards, thinking = [], [], []
     for i, thought in enumerate(thoughts):
@@ -369,7 +374,7 @@ def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
     rewards = torch.cat([torch.tensor(answer_rewards, dtype=torch.float).view(-1, n_answer),
                          torch.tensor(thought_rewards, dtype=torch.float).view(-1, n_think)], 1)  # (P, G)
     advantages = prefix_advantages(rewards, n_answer, cfg.alpha)
-    rows = [(contexts[i // n_answer] + [tasks.ANSWER_ID], y, advantages[i // n_answer, i % n_answer])
+    rows = [(answer_now[i // n_answer], y, advantages[i // n_answer, i % n_answer])
             for i, y in enumerate(answers)]
     rows += [(c, y, advantages[i // n_think, n_answer + i % n_think]) for i, (c, y) in enumerate(thought_rows)]
     credit = [torch.full((len(y),), float(a)) for _, y, a in rows]

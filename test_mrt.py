@@ -264,10 +264,10 @@ def test_split_episodes_on_hand_written_streams():
         assert [t for e in mrt.split_episodes(stream) for t in e] == stream
 
 
-def test_split_lines_cuts_after_each_line_and_keeps_verdicts_with_their_line():
+def test_split_lines_cuts_after_each_line_and_keeps_verdicts_and_backtracks_with_their_line():
     stream = encode("1+2=3\n3*3=9\n" + tasks.MISSED + BACKTRACK + "1\n3+3=6\n")
-    assert [decode(e) for e in mrt.split_lines(stream)] == ["1+2=3\n", "3*3=9\n" + tasks.MISSED, BACKTRACK + "1\n",
-                                                            "3+3=6\n"]
+    assert [decode(e) for e in mrt.split_lines(stream)] == ["1+2=3\n", "3*3=9\n" + tasks.MISSED,
+                                                            BACKTRACK + "1\n3+3=6\n"]  # the backtrack line: with the next
     assert sum(mrt.split_lines(stream), []) == stream
 
 
@@ -387,6 +387,8 @@ def test_budget_cut_keeps_complete_lines_only():
     backtracked = thinking + encode(tasks.MISSED + BACKTRACK + "0\n9*3=27\n")
     assert mrt.budget_cut(backtracked, 16) == thinking + encode(tasks.MISSED)  # not right after the backtrack line
     assert mrt.budget_cut(backtracked, 23) == backtracked
+    twice = thinking + encode(tasks.MISSED + BACKTRACK + "0\n" + BACKTRACK + "1\n")
+    assert mrt.budget_cut(twice, 100) == thinking + encode(tasks.MISSED)  # after neither backtrack line
 
 
 def test_warmstart_trace_backtracks_to_the_best_step_and_verifies():
@@ -747,7 +749,8 @@ def test_episode_bonuses_mark_reached_and_repeated_attempts():
     miss = "1+2=3\n3*3=9\n" + tasks.MISSED  # (1, 2, 3) -> 9, not the target 6
     stream = encode(miss + BACKTRACK + "0\n" + miss + BACKTRACK + "0\n2*3=6\n6*1=6\n" + tasks.REACHED)
     rows = evaluation.episode_bonuses(TASK, mrt.split_episodes(stream), [0.25, 0.0, 0.0, 1.0])
-    assert rows == [[0, -0.25, 0, 0], [1, 0.0, 0, 1], [2, 1.0, 1, 0]]  # [j, r_prg, reached, repeat]
+    assert rows == [[0, -0.25, 0, 0], [1, 0.0, 0, 1], [2, 1.0, 1, 0]]  # [j, r_prg, verdict, repeat]
+    assert evaluation.episode_bonuses(TASK, [encode("1+2=3\n")], [0.5, 0.25])[0][2] == -1  # no verdict: unfinished
     measures = evaluation.bonus_measures([{"episode_bonuses": rows}])
     assert measures["later missed, repeat"] == {"mean": 0.0, "n": 1} and measures["reached z_0"]["n"] == 0
 
