@@ -15,6 +15,7 @@ import torch
 
 import evaluation
 import mrt
+import model
 import tasks
 import train
 from model import autocast, generate
@@ -112,8 +113,31 @@ def bench_environment(cfg, device, out_dir, problems=128) -> dict:
         sample = lambda: mrt.sample_completions(model, task, batch, cfg.max_think, gen())
         with autocast(device):
             seconds[calculator] = timed(sample, 3, device)
+            if calculator:
+                share = environment_share(sample, device)
     return {"rows": problems, "with_env_s": seconds[True], "model_only_s": seconds[False],
-            "ratio": seconds[True] / seconds[False]}
+            "ratio": seconds[True] / seconds[False], "environment_share": share}
+
+
+def environment_share(sample, device) -> float:
+    """Share of a sampling call's wall time spent in the environment's host-side Python (`model.environment_step`:
+    decode rows, compute results and verdicts, queue replies), the GPU's queue drained before each step."""
+    spent, real = [], model.environment_step
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def timed_step(*args):
+        sync()  # the work queued before the step is not the environment's
+        start = time.perf_counter()
+        out = real(*args)
+        spent.append(time.perf_counter() - start)
+        return out
+    model.environment_step, start = timed_step, time.perf_counter()
+    try:
+        sample()
+        sync()
+        return sum(spent) / (time.perf_counter() - start)
+    finally:
+        model.environment_step = real
 
 
 def load_warm(cfg, device, out_dir):
@@ -181,6 +205,7 @@ def main():
     e = results["environment"]
     print(f"{'sampling with / without environment':<34}{e['with_env_s']:>10.2f} s / {e['model_only_s']:.2f} s   "
           f"ratio {e['ratio']:.2f}x ({e['rows']} streams)")
+    print(f"{'  of it in the environment (host)':<34}{100 * e['environment_share']:>10.0f} %")
     for arm, secs in r["step_s"].items():
         print(f"{'RL step, ' + arm:<34}{secs:>10.2f} s   {r['ratio_to_outcome'][arm]:.2f}x outcome's")
     for stage, secs in results["pipeline_s"].items():

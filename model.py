@@ -19,6 +19,20 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def activation_dtype(model):
+    """The dtype attention computes in: autocast's where it is on (bf16 on CUDA), else the weights'."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else model.wte.weight.dtype
+
+
+MAX_CACHE_BYTES = 8 * 2 ** 30  # the KV cache of one sampling call stays below this (`mrt.complete` chunks above it)
+
+
+def rows_that_fit(model, length: int) -> int:
+    """How many rows of `length` tokens a KV cache of MAX_CACHE_BYTES holds (keys and values of every layer)."""
+    per_row = 2 * model.config.n_layer * model.config.n_embd * length * activation_dtype(model).itemsize
+    return max(1, MAX_CACHE_BYTES // per_row)
+
+
 @dataclass
 class GPTConfig:
     """The network's sizes (nanoGPT's fields; the tokenizer fixes vocab_size)."""
@@ -219,8 +233,8 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
     """
     device = model.wte.weight.device
     B = len(prompts)
-    idx = pad_sequence([torch.as_tensor(p, device=device) for p in prompts], batch_first=True,
-                       padding_value=pad_id, padding_side="left")
+    idx = pad_sequence([torch.as_tensor(p) for p in prompts], batch_first=True, padding_value=pad_id,
+                       padding_side="left").to(device)  # padded on the host: one copy to the device
     L = idx.size(1)
     if L + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -228,7 +242,7 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
     valid = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=device)  # which keys are real tokens
     valid[:, :L] = idx != pad_id
     positions = (valid[:, :L].cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens from 0
-    cache = KVCache(model.config, B, L + max_new_tokens, device, model.wte.weight.dtype) if use_cache else None
+    cache = KVCache(model.config, B, L + max_new_tokens, device, activation_dtype(model)) if use_cache else None
     logits = model(idx, positions=positions, mask=padded_causal_mask(valid[:, :L]), cache=cache)[:, -1]
     if samples > 1:  # each prompt was run once; its samples start from copies of its row
         logits, idx, valid, positions = (t.repeat_interleave(samples, 0) for t in (logits, idx, valid, positions))
@@ -274,6 +288,6 @@ def environment_step(env, prompts, samples, tokens, triggered, pending):
     replies = [env.reply(list(prompts[r // samples]) + row) for r, row in zip(rows, so_far)]
     width = max(pending.size(1), max(map(len, replies)))
     pending = torch.cat([pending, torch.full((pending.size(0), width - pending.size(1)), -1, device=pending.device)], 1)
-    for r, reply in zip(rows, replies):
-        pending[r, :len(reply)] = torch.tensor(reply, device=pending.device)
+    queued = torch.tensor([reply + [-1] * (width - len(reply)) for reply in replies])  # built on the host, copied once
+    pending[rows] = queued.to(pending.device)
     return pending

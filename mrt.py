@@ -11,7 +11,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import tasks
-from model import completion_logprobs, generate
+from model import completion_logprobs, generate, rows_that_fit
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -200,15 +200,22 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
 # ----------------------------------------------------------------------------- sampling and budget forcing
 def complete(model, contexts: list[list[int]], max_new_tokens: int, generator=None, temperature=1.0, samples=1,
              forbid=(), env=None):
-    """`samples` sampled continuations of every context, all at once (consecutive per context), without pads;
-    at most `max_new_tokens` each, fewer where the longest context leaves less room in the model's block.
-    `env`: the task's environment (`tasks.environment`), which writes its tokens into the continuations."""
-    room = model.config.block_size - max(map(len, contexts))
-    if room < 1:
-        raise ValueError(f"a context of {max(map(len, contexts))} tokens leaves no room to generate")
-    gen = generate(model, contexts, min(max_new_tokens, room), tasks.EOS_ID, tasks.PAD_ID, temperature,
-                   forbid=(*forbid, *tasks.VERDICT_IDS), generator=generator, samples=samples, env=env)
-    return [[t for t in row if t != tasks.PAD_ID] for row in gen.tokens.tolist()]
+    """`samples` sampled continuations of every context (consecutive per context), without pads; at most
+    `max_new_tokens` each, fewer where the longest context leaves less room in the model's block.
+    `env`: the task's environment (`tasks.environment`), which writes its tokens into the continuations.
+
+    All rows are sampled at once where their KV cache fits `MAX_CACHE_BYTES` (model.py), else in groups of contexts
+    that do, to bound memory (the grouping changes the random numbers a row draws: a call that fits stays whole)."""
+    longest = max(map(len, contexts))
+    if longest >= model.config.block_size:
+        raise ValueError(f"a context of {longest} tokens leaves no room to generate")
+    n_new = min(max_new_tokens, model.config.block_size - longest)
+    per_call, rows = max(1, rows_that_fit(model, longest + n_new) // samples), []
+    for i in range(0, len(contexts), per_call):
+        gen = generate(model, contexts[i:i + per_call], n_new, tasks.EOS_ID, tasks.PAD_ID, temperature,
+                       forbid=(*forbid, *tasks.VERDICT_IDS), generator=generator, samples=samples, env=env)
+        rows += [[t for t in row if t != tasks.PAD_ID] for row in gen.tokens.tolist()]
+    return rows
 
 
 def sample_completions(model, task, problems, max_new_tokens: int, generator=None, temperature=1.0, samples=1):

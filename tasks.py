@@ -140,19 +140,25 @@ class NumberTask:
         """One number is left and it is the target."""
         return state == (problem[1],)
 
+    # The solver's caches are bounded (least recently used entries go): with 4 numbers they would grow past 10^6.
+    @functools.lru_cache(maxsize=2 ** 18)
+    def successors(self, state: tuple) -> tuple:
+        """((step, state after it), ...) for every legal step from `state`, in `moves` order (memoised)."""
+        return tuple((m, self.apply(state, m)) for m in self.moves(state))
+
     def solutions(self, state: tuple, target: int) -> list[list[str]]:
         """All step sequences from `state` that end with exactly `target` left (exact DFS)."""
         if len(state) == 1:
             return [[]] if state[0] == target else []
-        return [[m] + rest for m in self.moves(state) if self.can_reach(self.apply(state, m), target)
-                for rest in self.solutions(self.apply(state, m), target)]
+        return [[m] + rest for m, after in self.successors(state) if self.can_reach(after, target)
+                for rest in self.solutions(after, target)]
 
-    @functools.lru_cache(maxsize=None)
+    @functools.lru_cache(maxsize=2 ** 20)
     def can_reach(self, state: tuple, target: int) -> bool:
         """Whether some sequence of steps from `state` ends with exactly `target` (memoised DFS)."""
         if len(state) == 1:
             return state[0] == target
-        return any(self.can_reach(self.apply(state, m), target) for m in self.moves(state))
+        return any(self.can_reach(after, target) for _, after in self.successors(state))
 
     def key(self, problem) -> tuple:
         """Identity of a problem (to dedupe and to split): up to the order of the numbers where it does not matter."""
@@ -162,7 +168,7 @@ class NumberTask:
         """A solvable problem: draw numbers, play random legal steps, and take the result as the target."""
         while True:
             numbers = self.arrange(rng.randint(1, self.max_number) for _ in range(self.n_numbers))
-            target = parse_step(self.random_play(numbers, rng)[-1])[3]
+            target = int(self.random_play(numbers, rng)[-1].rpartition("=")[2])
             if target <= self.max_target:
                 return numbers, target
 
@@ -170,8 +176,8 @@ class NumberTask:
         """Random legal steps from `state` until one number is left."""
         steps = []
         while len(state) > 1:
-            steps.append(rng.choice(self.moves(state)))
-            state = self.apply(state, steps[-1])
+            step, state = rng.choice(self.successors(state))
+            steps.append(step)
         return steps
 
 
@@ -238,9 +244,9 @@ def make_split(task, n_train: int, n_test: int, seed: int):
     # The problem space is finite (3 numbers up to 10 give ~2,900): stop once new problems stop turning up.
     while len(problems) < n_train + n_test and misses < 5000:
         p = task.random_problem(rng)
-        misses = misses + 1 if task.key(p) in seen else 0
-        if task.key(p) not in seen:
-            seen.add(task.key(p))
+        misses = misses + 1 if (key := task.key(p)) in seen else 0
+        if not misses:
+            seen.add(key)
             problems.append(p)
     if len(problems) <= n_test:
         raise ValueError(f"only {len(problems)} distinct problems exist for {task}; lower --n-test")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import evaluation
+import model as model_module
 import mrt
 import tasks
 import train
@@ -217,6 +218,17 @@ def test_several_samples_per_prompt_draw_what_repeated_prompts_would(use_cache):
     assert shared.tokens.shape[0] == 9 and torch.equal(shared.tokens, repeated.tokens)
     assert torch.allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
     assert len(set(map(tuple, shared.tokens[:3].tolist()))) > 1  # the samples of one prompt differ
+
+
+def test_sampling_beyond_the_cache_budget_runs_in_chunks_that_fit(monkeypatch):
+    model, calls = tiny_model(), []
+    contexts = [encode(TASK.prompt(p)) for p in tasks.make_split(TASK, 10, 1, seed=0)[0]]
+    whole = mrt.complete(model, contexts, 20, temperature=0, samples=3, env=tasks.environment(TASK))
+    per_row = 2 * 2 * 32 * (max(map(len, contexts)) + 20) * 4  # keys and values, 2 layers, width 32, fp32
+    monkeypatch.setattr(model_module, "MAX_CACHE_BYTES", 7 * per_row)  # 7 rows: 2 contexts of 3 samples a call
+    monkeypatch.setattr(mrt, "generate", lambda *a, **k: calls.append(len(a[1])) or generate(*a, **k))
+    chunked = mrt.complete(model, contexts, 20, temperature=0, samples=3, env=tasks.environment(TASK))
+    assert calls == [2, 2, 2, 2, 2] and chunked == whole  # greedy: the same tokens, whatever the grouping
 
 
 def test_padding_does_not_change_a_row_and_logprobs_match_a_plain_forward():
@@ -673,6 +685,14 @@ def test_an_rl_stage_interrupted_midway_resumes_to_the_same_weights(smoke_run, c
 def test_second_task_trains_end_to_end(tmp_path):
     train.main(["--smoke", "--task", "chain", "--out-dir", str(tmp_path)])
     assert json.loads((tmp_path / "results.json").read_text())["config"]["task"] == "chain"
+
+
+def test_the_gpu_presets_task_trains_end_to_end_at_smoke_size(tmp_path):  # 4 numbers, block 192, every arm
+    train.main(["--smoke", "--n-numbers", "4", "--block-size", "192", "--arms", ",".join(mrt.ARMS),
+                "--out-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["summary"]) == set(results["per_problem"]) == {"base", "warm", *mrt.ARMS}
+    assert results["config"]["n_numbers"] == 4 and results["train_problems"] == train.PRESETS["smoke"]["n_train"]
 
 
 def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, coin_rewards, tmp_path):

@@ -108,7 +108,7 @@ PRESETS = {
     "cpu": {},
     "gpu": dict(n_numbers=4, n_layer=6, n_head=6, n_embd=384, block_size=192, base_steps=4000, batch_size=256,
                 warm_problems=4096, rl_steps=200, rl_prompts=32, max_think=128, n_test=1000, lr=1e-3),
-    "smoke": dict(n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
+    "smoke": dict(n_train=1000, n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
                   warm_problems=32, warm_rollouts=2, warm_steps=10, rl_steps=2, rl_prompts=4, rl_group=4,
                   mc_rollouts=2, rl_seeds=1, arms="outcome,mrt,mrt_prefix", eval_streams=4, value_streams=2,
                   eval_rollouts=1, max_episodes=3, budget_step=16, snapshot_every=5),
