@@ -432,10 +432,14 @@ class Trace:
         return [(first, False), *retry, (solve, True)]
 
 
-    def answer_after_miss(self, task) -> list[tuple[str, bool]]:
-        """μ's example after the failed z_0: forced to answer, the solution that keeps z_0's best k steps."""
-        steps = self.first_attempt[:self.keep] + self.new_steps
-        return [(attempt_text(task, self.problem, self.first_attempt) + ANSWER, False), (steps_text(steps) + EOS, True)]
+    def answers_after_misses(self, task) -> list[list[tuple[str, bool]]]:
+        """μ's examples after each failed attempt (z_0, and the retry if there is one): forced to answer there, the
+        solution that keeps z_0's best k steps. The loss is on the answer only."""
+        first = attempt_text(task, self.problem, self.first_attempt)
+        contexts = [first] + ([first + f"{BACKTRACK}{self.keep}\n" + attempt_text(task, self.problem, self.retry,
+                                                                                  self.keep)] if self.retry else [])
+        answer = steps_text(self.first_attempt[:self.keep] + self.new_steps) + EOS
+        return [[(context + ANSWER, False), (answer, True)] for context in contexts]
 
 
 def restart_steps(task, problem, attempt) -> list[int]:

@@ -425,10 +425,12 @@ def test_a_trace_with_a_failed_retry_learns_both_backtracks_and_neither_failure(
 
 
 def test_mu_after_a_miss_answers_with_the_solution_of_the_best_restart():
-    trace = tasks.Trace(PROBLEM, ["9*3=27", "27+7=34"], keep=1, new_steps=["27-7=20"])
-    (context, learn_context), (answer, learn_answer) = trace.answer_after_miss(TASK)
-    assert context.endswith(tasks.MISSED + ANSWER) and not learn_context and learn_answer
-    assert answer == "9*3=27\n27-7=20\n" + EOS and verify(TASK, PROBLEM, context + answer)
+    trace = tasks.Trace(PROBLEM, ["9*3=27", "27+7=34"], keep=1, new_steps=["27-7=20"], retry=["9*3=27", "27*7=189"])
+    after_first, after_retry = trace.answers_after_misses(TASK)
+    for (context, learn_context), (answer, learn_answer) in (after_first, after_retry):
+        assert context.endswith(tasks.MISSED + ANSWER) and not learn_context and learn_answer
+        assert answer == "9*3=27\n27-7=20\n" + EOS and verify(TASK, PROBLEM, context + answer)
+    assert after_retry[0][0].count(tasks.MISSED) == 2
 
 
 def test_no_backtrack_target_where_the_kept_steps_already_solve_it():

@@ -66,8 +66,8 @@ class Config:
     warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step", 1)
     warm_steps: int = opt(300, "warm-start SFT steps", 0)
     warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
-    mu_after_miss: float = opt(0.0, "share of the backtracking traces that also teach μ to answer right after the "
-                                    "failed z_0, with the solution that its best restart point leads to", 0)
+    mu_after_miss: float = opt(0.0, "share of the backtracking traces that also teach μ to answer right after each "
+                                    "failed attempt, with the solution that z_0's best restart point leads to", 0)
     restart: str = opt("best", "where a trace backtracks to after a failed z_0: best (the step whose Monte Carlo "
                                "restarts succeed most, the paper's recipe) or scratch (step 0)")
     # stage 3: RL
@@ -495,8 +495,8 @@ def run(cfg: Config) -> dict:
         # Replay base examples too (one problem's worth per `solutions_per_problem` traces): keeps the skills and μ.
         replay = examples(r.sample(train, min(len(train), max(1, len(traces) // cfg.solutions_per_problem))), r)
         # μ after a miss (--mu-after-miss): answer with the solution the stream's best restart point leads to.
-        mu = [(t.problem, t.answer_after_miss(task)) for t in traces
-              if t.keep is not None and r.random() < cfg.mu_after_miss]
+        mu = [(t.problem, pieces) for t in traces if t.keep is not None and r.random() < cfg.mu_after_miss
+              for pieces in t.answers_after_misses(task)]
         X, Y = sft_tensors(task, [(t.problem, t.pieces(task)) for t in traces] + replay + mu, cfg.block_size,
                            not cfg.no_env_loss)
         return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, torch_gen("warm"),
