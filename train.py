@@ -144,12 +144,14 @@ def check_config(cfg: Config):
     """Raise UserError naming the first option that is out of range."""
     for f in fields(cfg):
         low, value = f.metadata["low"], getattr(cfg, f.name)
+        if f.type is float and not math.isfinite(value):
+            raise UserError(f"{flag(f.name)} must be a finite number, got {value}")
         if low is not None and value < low:
             raise UserError(f"{flag(f.name)} must be >= {low}, got {value}")
     rules = [  # (broken, what to say)
         (cfg.practice_per_problem and not cfg.model_only, "--practice-per-problem teaches the results, which the "
                                                           "environment writes: use it with --model-only"),
-        (min(cfg.lr, cfg.warm_lr, cfg.rl_lr) <= 0, "--lr, --warm-lr and --rl-lr must be > 0"),
+        *[(getattr(cfg, n) <= 0, f"{flag(n)} must be > 0, got {getattr(cfg, n)}") for n in ("lr", "warm_lr", "rl_lr")],
         (cfg.cut_prob > 1, f"--cut-prob must be in [0, 1], got {cfg.cut_prob}"),
         (cfg.value_streams > cfg.eval_streams, f"--value-streams ({cfg.value_streams}) must not exceed --eval-streams "
                                                f"({cfg.eval_streams})"),
@@ -157,6 +159,9 @@ def check_config(cfg: Config):
         (cfg.task not in tasks.TASKS, f"--task must be one of {', '.join(tasks.TASKS)}, got {cfg.task!r}"),
         (cfg.restart not in ("best", "scratch"), f"--restart must be best or scratch, got {cfg.restart!r}"),
         (not set(cfg.arms.split(",")) <= set(ARMS), f"--arms must name some of {', '.join(ARMS)}, got {cfg.arms!r}"),
+        (len(set(cfg.arms.split(","))) < len(cfg.arms.split(",")), f"--arms names an arm twice: {cfg.arms!r}"),
+        (cfg.problem and not cfg.explain, "--problem is the problem for --explain: pass --explain too (base, warm, "
+                                          "rl_outcome_seed0, ...)"),
         ("mrt_prefix" in cfg.arms and cfg.rl_group < 2, "--arms mrt_prefix needs --rl-group >= 2 (answer now and "
                                                         "keep thinking)"),
     ]
@@ -166,8 +171,10 @@ def check_config(cfg: Config):
     task = make_task(cfg)
     room = cfg.block_size - task.prompt_tokens() - task.answer_tokens() - 1  # prompt, stream, <|answer|>, answer
     if cfg.max_think > room:
+        lower = f"lower --max-think to {room} or " if room >= 1 else ""
         raise UserError(f"--max-think ({cfg.max_think}) must leave room in --block-size ({cfg.block_size}) for the "
-                        f"prompt and the meta-prover's answer: at most {room} here")
+                        f"prompt and the meta-prover's answer: {lower}raise --block-size to "
+                        f"{cfg.block_size - room + cfg.max_think}")
 
 
 def pick_device(name: str) -> torch.device:
