@@ -532,11 +532,19 @@ def run(cfg: Config) -> dict:
 
 def explain(cfg: Config, rollouts: int = 32):
     """Solve one problem with a trained model and show what "progress" means, episode by episode."""
+    check_config(cfg)
     device = pick_device(cfg.device)
     path = os.path.join(cfg.out_dir, f"{cfg.explain}.pt")
     if not os.path.exists(path):
         raise UserError(f"--explain {cfg.explain}: no checkpoint {path} (run train.py with this --out-dir first)")
-    model = load_model(path, device).eval()
+    blob = load_checkpoint(path, device)
+    shared = ("task", "n_numbers", "max_number", "max_target", "model_only", "block_size")  # the model's task and room
+    made = {k: v for k, v in blob["stage_config"].items() if k in shared and v != getattr(cfg, k)}
+    if made:
+        options = lambda values: " ".join(f"{flag(k)} {v}" for k, v in values.items())
+        raise UserError(f"--explain {cfg.explain}: {path} was made with {options(made)}, not "
+                        f"{options({k: getattr(cfg, k) for k in made})}: pass the options it was made with")
+    model = model_from(blob, device).eval()
     task = make_task(cfg)
     try:
         problem = task.parse_problem(cfg.problem) if cfg.problem else \
