@@ -602,11 +602,15 @@ def test_same_seed_same_numbers(smoke_run, coin_rewards, tmp_path):
 
 def test_interrupted_run_resumes_from_finished_stages(smoke_run, coin_rewards, tmp_path, capsys):
     out, results = smoke_run
-    for name in ("base.pt", "warm.pt"):  # as if the run had been stopped during the RL stage
+    for name in ("base.pt", "warm.pt", "log.jsonl"):  # as if the run had been stopped during the RL stage
         (tmp_path / name).write_bytes((out / name).read_bytes())
     train.main(["--smoke", "--out-dir", str(tmp_path)])
     assert "base: finished earlier" in capsys.readouterr().out
-    assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(results)
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert numbers(resumed) == numbers(results)
+    assert resumed["stage_seconds"]["base"] == results["stage_seconds"]["base"]  # trained by the first run
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["config"]["out_dir"] for r in rows if r["stage"] == "start"] == [str(out), str(tmp_path)]
 
 
 def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, coin_rewards, tmp_path, monkeypatch, capsys):

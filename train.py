@@ -8,6 +8,7 @@ Every stage saves a checkpoint in --out-dir; re-running the same command skips f
 The defaults below are the cpu preset's; --preset gpu / smoke change some of them, and explicit flags win.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -16,6 +17,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -200,6 +202,39 @@ def prepare_out_dir(path: str):
         raise UserError(f"--out-dir {path}: cannot write there ({e.strerror})") from None
 
 
+def write_error(path: str, error: Exception) -> UserError:
+    """A failed write (a full disk, a read-only mount) as one line naming the file and its --out-dir."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else "is the disk full?"
+    return UserError(f"{path}: the write failed ({reason}); make room in --out-dir {os.path.dirname(path) or '.'} or "
+                     f"choose another")
+
+
+def write_atomically(path: str, write):
+    """write(<path>.tmp), then rename it to `path`: a crash mid-write leaves the previous file intact, never a
+    truncated one, and a failed write leaves no .tmp behind. torch.save reports a full disk as a RuntimeError."""
+    try:
+        write(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        if isinstance(e, (OSError, RuntimeError)):
+            raise write_error(path, e) from None
+        raise
+
+
+def open_log(path: str):
+    """log(**row) appends a row to log.jsonl: training curves, stage timings, where each run starts."""
+    file = open(path, "a")
+
+    def log(**row):
+        try:
+            print(json.dumps(row), file=file, flush=True)
+        except OSError as e:
+            raise write_error(path, e) from None
+    return log
+
+
 def make_task(cfg: Config):
     """The task object the options describe."""
     return tasks.TASKS[cfg.task](cfg.n_numbers, cfg.max_number, cfg.max_target, calculator=not cfg.model_only)
@@ -289,13 +324,12 @@ class Checkpoint:
             self.save(step, model, optimizer, rngs)
 
     def save(self, step: int, model, optimizer, rngs):
-        """Write atomically: a crash mid-write leaves the previous file intact, never a truncated one."""
+        """Write the checkpoint atomically (see `write_atomically`)."""
         blob = {"model": model.state_dict(), "model_args": asdict(model.config), "stage_config": self.stage_cfg,
                 "step": step, "optimizer": optimizer.state_dict(),
                 "rngs": [r.get_state() if isinstance(r, torch.Generator) else r.getstate() for r in rngs],
                 "tokenizer": {"alphabet": tasks.ALPHABET, "specials": tasks.SPECIALS}}
-        torch.save(blob, self.path + ".tmp")
-        os.replace(self.path + ".tmp", self.path)
+        write_atomically(self.path, lambda tmp: torch.save(blob, tmp))
 
 
 # ----------------------------------------------------------------------------- supervised stages
@@ -443,9 +477,6 @@ def run(cfg: Config) -> dict:
     """The whole pipeline: each stage skipped if finished, resumed if interrupted; writes results.json."""
     check_config(cfg)
     device = pick_device(cfg.device)
-    prepare_out_dir(cfg.out_dir)
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
-    log = lambda **row: print(json.dumps(row), file=log_file, flush=True)  # training curves and stage timings
     task = make_task(cfg)
     try:
         train, test = tasks.make_split(task, cfg.n_train, cfg.n_test, cfg.seed)
@@ -453,6 +484,11 @@ def run(cfg: Config) -> dict:
         raise UserError(str(e)) from None
     if cfg.rl_prompts > len(train):
         raise UserError(f"--rl-prompts ({cfg.rl_prompts}) must not exceed the {len(train)} training problems")
+    prepare_out_dir(cfg.out_dir)  # only now: a bad option creates nothing
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    earlier = evaluation.stage_seconds(log_path)  # stages trained by earlier runs here (loaded now) keep their times
+    log = open_log(log_path)
+    log(stage="start", time=time.strftime("%Y-%m-%d %H:%M:%S"), config=asdict(cfg))
     print(f"{task}: {len(train)} train / {len(test)} test problems, device {device}, out-dir {cfg.out_dir}")
     # Each stage has its own random streams, so a resumed run draws exactly what a fresh run would.
     rng = lambda stage: random.Random(f"{cfg.seed}-{stage}")
@@ -465,8 +501,10 @@ def run(cfg: Config) -> dict:
         """The model of a finished stage, loaded; otherwise train it (from where it stopped, if it was interrupted)."""
         checkpoint = Checkpoint(os.path.join(cfg.out_dir, f"{name}.pt"), key, steps, cfg)
         if checkpoint.finished():
+            model = model_from(checkpoint.blob, device)
             print(f"{name}: finished earlier, loaded {checkpoint.path}")
-            return model_from(checkpoint.blob, device)
+            timings.update({name: earlier[name]} if name in earlier else {})
+            return model
         start = time.time()
         model = train_stage(checkpoint)
         timings[name] = time.time() - start
@@ -519,14 +557,16 @@ def run(cfg: Config) -> dict:
     results = {"config": asdict(cfg), "machine": evaluation.machine(), "device": str(device),
                "train_problems": len(train), "test_problems": len(test), "stage_seconds": timings,
                "test_set": [task.prompt(p)[len(tasks.BOS):].strip() for p in test],
-               "learning_curve": evaluation.learning_curves(os.path.join(cfg.out_dir, "log.jsonl"), arms,
+               "learning_curve": evaluation.learning_curves(log_path, arms,
                                                             list(range(cfg.seed, cfg.seed + cfg.rl_seeds))),
                **evaluation.report(evals, cfg.seed)}
-    with open(os.path.join(cfg.out_dir, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(os.path.join(cfg.out_dir, "results.json.tmp"), os.path.join(cfg.out_dir, "results.json"))
-    evaluation.print_table(results, cfg)
-    evaluation.plot(results, cfg.out_dir)
+    evaluation.print_table(results, cfg)  # first: a failed write must not lose the evaluation
+    write_atomically(os.path.join(cfg.out_dir, "results.json"),
+                     lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+    try:
+        evaluation.plot(results, cfg.out_dir)
+    except OSError as e:
+        raise write_error(os.path.join(cfg.out_dir, "results.png"), e) from None
     return results
 
 
