@@ -622,8 +622,9 @@ def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, 
             raise KeyboardInterrupt
         real(loss, model, stage)
     monkeypatch.setattr(train, "check_finite", interrupt_at_step_12)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:
         train.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 130 and "run the same command to resume" in capsys.readouterr().err
     assert torch.load(tmp_path / "base.pt", weights_only=True)["step"] == 10  # the last resume point (every 5 steps)
     monkeypatch.setattr(train, "check_finite", real)
     train.main(["--smoke", "--out-dir", str(tmp_path)])
@@ -646,7 +647,7 @@ def test_an_rl_stage_interrupted_midway_resumes_to_the_same_weights(smoke_run, c
             (tmp_path / run / name).write_bytes((smoke_run[0] / name).read_bytes())
     train.main(flags + ["--out-dir", str(tmp_path / "whole")])
     monkeypatch.setattr(train, "check_finite", interrupt_at_rl_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="130"):
         train.main(flags + ["--out-dir", str(tmp_path / "interrupted")])
     assert torch.load(tmp_path / "interrupted" / "rl_outcome_seed0.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(train, "check_finite", real)

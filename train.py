@@ -122,6 +122,7 @@ def flag(name: str) -> str:
 def parse_args(argv=None) -> Config:
     """Config from the command line: defaults, then the preset, then the flags given explicitly."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: fail(f"error: {message} (see --help)")  # one line, not argparse's usage block
     for f in fields(Config):
         if f.type is bool:
             parser.add_argument(flag(f.name), action="store_true", help=f.metadata["help"])
@@ -609,14 +610,22 @@ def explain(cfg: Config, rollouts: int = 32):
     print(f"answer: {tasks.decode(answer).replace(chr(10), ' ')}   reward r(x, z) = {reward}")
 
 
+def fail(message: str, code: int = 2):
+    """One line on stderr, no traceback, and the exit code."""
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv=None):
-    """Command-line entry point: user errors become one line on stderr and exit code 2."""
+    """Command-line entry point: user errors become one line on stderr and exit code 2; Ctrl-C one line and 130."""
     cfg = parse_args(argv)
     try:
         explain(cfg) if cfg.explain else run(cfg)
     except (UserError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {e}")
+    except KeyboardInterrupt:
+        fail("interrupted" + ("" if cfg.explain else f": finished stages and the last snapshot are kept in "
+                                                        f"{cfg.out_dir}; run the same command to resume"), 130)
 
 
 if __name__ == "__main__":
