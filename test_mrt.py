@@ -1,7 +1,10 @@
 """Tests: each one a small specification with the numbers written out. Run: python -m pytest -q"""
 import copy
 import json
+import os
 import random
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -660,7 +663,9 @@ def test_an_rl_stage_interrupted_midway_resumes_to_the_same_weights(smoke_run, c
 
 def test_second_task_trains_end_to_end(tmp_path):
     train.main(["--smoke", "--task", "chain", "--out-dir", str(tmp_path)])
-    assert json.loads((tmp_path / "results.json").read_text())["config"]["task"] == "chain"
+    test_set = json.loads((tmp_path / "results.json").read_text())["test_set"]
+    problems = [tasks.Chain(3, 10, 100).parse_problem(p) for p in test_set]  # each solvable left to right, or raises
+    assert any(list(given) != sorted(given) for given, _ in problems)  # a Countdown prompt lists its numbers sorted
 
 
 def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, coin_rewards, tmp_path):
@@ -680,7 +685,7 @@ def test_checkpoint_from_other_options_is_refused(smoke_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--smoke", "--out-dir", str(tmp_path), "--base-steps", "31"])
     err = capsys.readouterr().err
-    assert "base_steps" in err and "--fresh" in err and "Traceback" not in err
+    assert "base_steps" in err and "--fresh" in err
 
 
 def test_a_half_finished_stage_from_other_options_is_refused_too(tmp_path):
@@ -724,18 +729,82 @@ def test_explain_prints_each_episode_with_its_progress(smoke_run, capsys):
     (["--n-test", "5000"], "--n-test"), (["--value-streams", "8"], "--value-streams"),
     (["--rl-prompts", "5000"], "--rl-prompts"), (["--arms", "outcome,ppo"], "--arms"),
     (["--practice-per-problem", "2"], "--practice-per-problem"), (["--restart", "middle"], "--restart"),
+    (["--lr", "nan"], "--lr must be a finite number"), (["--alpha", "inf"], "--alpha must be a finite number"),
+    (["--warm-lr", "0"], "--warm-lr must be > 0"), (["--arms", "outcome,outcome"], "--arms names an arm twice"),
+    (["--block-size", "20"], "raise --block-size to 104"), (["--lr", "abc"], "--lr: invalid float value"),
+    (["--problem", "3 7 9:20"], "pass --explain too"), (["--explain", "warm", "--task", "chain"], "--task countdown"),
+    *[(["--explain", "warm", "--problem", p], "1..10") for p in ("0 5 5:0", "-1 2 3:4", "12 11 1:23", "1 2:3")],
 ])
 def test_bad_options_exit_with_one_clear_line(flags, message, smoke_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--smoke", "--out-dir", str(smoke_run[0])] + flags)
-    assert exit_info.value.code != 0
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_bad_options_from_the_command_line_print_one_line_and_no_traceback(smoke_run):
+    for flags in (["--lr", "abc"], ["--lr", "nan"], ["--problem", "3 7 9:20"],
+                  ["--explain", "warm", "--problem", "0 5 5:0"]):
+        done = subprocess.run([sys.executable, "train.py", "--smoke", "--out-dir", str(smoke_run[0])] + flags,
+                              capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)))
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, flags
+
+
+def test_a_bad_option_creates_nothing(tmp_path, capsys):
+    for flags in (["--n-test", "5000"], ["--rl-prompts", "5000"]):  # found out only once the problems are drawn
+        with pytest.raises(SystemExit):
+            train.main(["--smoke", "--out-dir", str(tmp_path / "new")] + flags)
+        assert flags[0] in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos"),
+                                   OSError(28, "No space left on device")])  # what torch.save raises on a full disk
+def test_a_failed_checkpoint_write_names_the_file_and_leaves_no_tmp(error, tmp_path, monkeypatch):
+    def full_disk(blob, path):
+        open(path, "wb").write(b"the first bytes")
+        raise error
+    monkeypatch.setattr(torch, "save", full_disk)
+    model = tiny_model()
+    checkpoint = train.Checkpoint(str(tmp_path / "base.pt"), {}, 30, train.Config())
+    with pytest.raises(train.UserError, match=f"base.pt: the write failed .*--out-dir {tmp_path}"):
+        checkpoint.save(10, model, train.make_optimizer(model, 1e-3, 0.1), [])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_results_write_prints_the_table_first_and_leaves_no_tmp(smoke_run, tmp_path, monkeypatch, capsys):
+    for path in smoke_run[0].glob("*.pt"):  # every stage finished: only the evaluation runs
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    real = os.replace
+
+    def full_disk(source, target):
+        if str(target).endswith("results.json"):
+            raise OSError(28, "No space left on device")
+        real(source, target)
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--out-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "paired difference" in out and not list(tmp_path.glob("*.tmp")) and not (tmp_path / "results.json").exists()
+    assert err.endswith(f"error: {tmp_path}/results.json: the write failed (No space left on device); make room in "
+                        f"--out-dir {tmp_path} or choose another\n")
 
 
 def test_tokens_to_reach_is_the_first_budget_at_the_target():
     assert evaluation.tokens_to_reach([0, 8, 16, 24], [0.1, 0.3, 0.2, 0.5], 0.3) == 8
     assert evaluation.tokens_to_reach([0, 8], [0.1, 0.2], 0.3) is None
+
+
+def test_a_read_only_out_dir_is_a_clear_error_before_any_work(tmp_path, monkeypatch, capsys):
+    tmp_path.chmod(0o500)
+    if os.access(tmp_path, os.W_OK):  # root writes anyway: refuse writes there the way a read-only directory does
+        def read_only(path, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", path)
+        monkeypatch.setattr(train, "open", read_only, raising=False)
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert f"--out-dir {tmp_path}: cannot write there (Permission denied)" in capsys.readouterr().err
+    tmp_path.chmod(0o700)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_out_dir_and_missing_device_are_clear_errors(tmp_path, capsys):
