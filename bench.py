@@ -164,15 +164,6 @@ def bench_rl(cfg, device, out_dir) -> dict:
                                                                       seconds.items()}}
 
 
-def pipeline_times(out_dir) -> dict:
-    """Wall time of each stage of a finished train.py run, read from its own log (the latest entry per stage)."""
-    path = os.path.join(out_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return {}
-    rows = [json.loads(line) for line in open(path)]
-    return {r["stage"]: r["seconds"] for r in rows if "seconds" in r}
-
-
 def main():
     """Run every benchmark, print the table, write bench.json."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,7 +182,8 @@ def main():
                "preset": args.preset, "matmul_peak_gflops": peak / 1e9,
                "training": bench_training(cfg, device, peak), "sampling": bench_sampling(cfg, device),
                "environment": bench_environment(cfg, device, args.out_dir),
-               "rl_step": bench_rl(cfg, device, args.out_dir), "pipeline_s": pipeline_times(args.out_dir)}
+               "rl_step": bench_rl(cfg, device, args.out_dir),
+               "pipeline_s": evaluation.stage_seconds(os.path.join(args.out_dir, "log.jsonl"))}
     with open("bench.json", "w") as f:
         json.dump(results, f, indent=1)
     t, s, r = results["training"], results["sampling"], results["rl_step"]

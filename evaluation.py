@@ -244,6 +244,13 @@ def learning_curves(log_path: str, arms: list, seeds: list) -> dict:
     return curves
 
 
+def stage_seconds(log_path: str) -> dict:
+    """Wall time of each stage trained in this out-dir, read from its log.jsonl (the latest entry per stage)."""
+    if not os.path.exists(log_path):
+        return {}
+    return {r["stage"]: r["seconds"] for r in map(json.loads, open(log_path)) if "seconds" in r}
+
+
 def machine() -> str:
     """What the numbers were measured on: they depend on it (another CPU draws other random numbers)."""
     if torch.cuda.is_available():

@@ -125,12 +125,16 @@ class NumberTask:
         """'3 7 9:20' -> ((3, 7, 9), 20); raises ValueError naming what is wrong."""
         numbers, _, target = text.partition(":")
         try:
-            problem = self.arrange(int(n) for n in numbers.split()), int(target)
+            numbers, target = [int(n) for n in numbers.split()], int(target)
         except ValueError:
             raise ValueError(f"expected numbers and a target like '3 7 9:20', got {text!r}") from None
-        if len(problem[0]) != self.n_numbers or not self.can_reach(self.start(problem), problem[1]):
-            raise ValueError(f"{text!r} is not a solvable {self.name} problem with {self.n_numbers} numbers")
-        return problem
+        if len(numbers) != self.n_numbers or not all(1 <= n <= self.max_number for n in numbers) \
+                or not 1 <= target <= self.max_target:  # the steps are only defined on positive numbers
+            raise ValueError(f"{text!r}: this task has {self.n_numbers} numbers in 1..{self.max_number} and a target "
+                             f"in 1..{self.max_target} (--n-numbers, --max-number, --max-target)")
+        if not self.can_reach(self.arrange(numbers), target):
+            raise ValueError(f"{text!r} is not a solvable {self.name} problem")
+        return self.arrange(numbers), target
 
     def start(self, problem) -> tuple:
         """The state before any step."""

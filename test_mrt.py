@@ -1,7 +1,10 @@
 """Tests: each one a small specification with the numbers written out. Run: python -m pytest -q"""
 import copy
 import json
+import os
 import random
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -632,11 +635,15 @@ def test_same_seed_same_numbers(smoke_run, coin_rewards, tmp_path):
 
 def test_interrupted_run_resumes_from_finished_stages(smoke_run, coin_rewards, tmp_path, capsys):
     out, results = smoke_run
-    for name in ("base.pt", "warm.pt"):  # as if the run had been stopped during the RL stage
+    for name in ("base.pt", "warm.pt", "log.jsonl"):  # as if the run had been stopped during the RL stage
         (tmp_path / name).write_bytes((out / name).read_bytes())
     train.main(["--smoke", "--out-dir", str(tmp_path)])
     assert "base: finished earlier" in capsys.readouterr().out
-    assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(results)
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert numbers(resumed) == numbers(results)
+    assert resumed["stage_seconds"]["base"] == results["stage_seconds"]["base"]  # trained by the first run
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["config"]["out_dir"] for r in rows if r["stage"] == "start"] == [str(out), str(tmp_path)]
 
 
 def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, coin_rewards, tmp_path, monkeypatch,
@@ -649,8 +656,9 @@ def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, 
             raise KeyboardInterrupt
         real(loss, model, stage)
     monkeypatch.setattr(train, "check_finite", interrupt_at_step_12)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:
         train.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 130 and "run the same command to resume" in capsys.readouterr().err
     assert torch.load(tmp_path / "base.pt", weights_only=True)["step"] == 10  # the last resume point (every 5 steps)
     monkeypatch.setattr(train, "check_finite", real)
     train.main(["--smoke", "--out-dir", str(tmp_path)])
@@ -673,7 +681,7 @@ def test_an_rl_stage_interrupted_midway_resumes_to_the_same_weights(smoke_run, c
             (tmp_path / run / name).write_bytes((smoke_run[0] / name).read_bytes())
     train.main(flags + ["--out-dir", str(tmp_path / "whole")])
     monkeypatch.setattr(train, "check_finite", interrupt_at_rl_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="130"):
         train.main(flags + ["--out-dir", str(tmp_path / "interrupted")])
     assert torch.load(tmp_path / "interrupted" / "rl_outcome_seed0.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(train, "check_finite", real)
@@ -686,7 +694,9 @@ def test_an_rl_stage_interrupted_midway_resumes_to_the_same_weights(smoke_run, c
 
 def test_second_task_trains_end_to_end(tmp_path):
     train.main(["--smoke", "--task", "chain", "--out-dir", str(tmp_path)])
-    assert json.loads((tmp_path / "results.json").read_text())["config"]["task"] == "chain"
+    test_set = json.loads((tmp_path / "results.json").read_text())["test_set"]
+    problems = [tasks.Chain(3, 10, 100).parse_problem(p) for p in test_set]  # each solvable left to right, or raises
+    assert any(list(given) != sorted(given) for given, _ in problems)  # a Countdown prompt lists its numbers sorted
 
 
 def test_the_gpu_presets_task_trains_end_to_end_at_smoke_size(tmp_path):  # 4 numbers, block 192, every arm
@@ -714,7 +724,7 @@ def test_checkpoint_from_other_options_is_refused(smoke_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--smoke", "--out-dir", str(tmp_path), "--base-steps", "31"])
     err = capsys.readouterr().err
-    assert "base_steps" in err and "--fresh" in err and "Traceback" not in err
+    assert "base_steps" in err and "--fresh" in err
 
 
 def test_a_half_finished_stage_from_other_options_is_refused_too(tmp_path):
@@ -758,13 +768,64 @@ def test_explain_prints_each_episode_with_its_progress(smoke_run, capsys):
     (["--n-test", "5000"], "--n-test"), (["--value-streams", "8"], "--value-streams"),
     (["--rl-prompts", "5000"], "--rl-prompts"), (["--arms", "outcome,ppo"], "--arms"),
     (["--practice-per-problem", "2"], "--practice-per-problem"), (["--restart", "middle"], "--restart"),
+    (["--lr", "nan"], "--lr must be a finite number"), (["--alpha", "inf"], "--alpha must be a finite number"),
+    (["--warm-lr", "0"], "--warm-lr must be > 0"), (["--arms", "outcome,outcome"], "--arms names an arm twice"),
+    (["--block-size", "20"], "raise --block-size to 104"), (["--lr", "abc"], "--lr: invalid float value"),
+    (["--problem", "3 7 9:20"], "pass --explain too"), (["--explain", "warm", "--task", "chain"], "--task countdown"),
+    *[(["--explain", "warm", "--problem", p], "1..10") for p in ("0 5 5:0", "-1 2 3:4", "12 11 1:23", "1 2:3")],
 ])
 def test_bad_options_exit_with_one_clear_line(flags, message, smoke_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--smoke", "--out-dir", str(smoke_run[0])] + flags)
-    assert exit_info.value.code != 0
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_bad_options_from_the_command_line_print_one_line_and_no_traceback(smoke_run):
+    for flags in (["--lr", "abc"], ["--lr", "nan"], ["--problem", "3 7 9:20"],
+                  ["--explain", "warm", "--problem", "0 5 5:0"]):
+        done = subprocess.run([sys.executable, "train.py", "--smoke", "--out-dir", str(smoke_run[0])] + flags,
+                              capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)))
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, flags
+
+
+def test_a_bad_option_creates_nothing(tmp_path, capsys):
+    for flags in (["--n-test", "5000"], ["--rl-prompts", "5000"]):  # found out only once the problems are drawn
+        with pytest.raises(SystemExit):
+            train.main(["--smoke", "--out-dir", str(tmp_path / "new")] + flags)
+        assert flags[0] in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos"),
+                                   OSError(28, "No space left on device")])  # what torch.save raises on a full disk
+def test_a_failed_checkpoint_write_names_the_file_and_leaves_no_tmp(error, tmp_path, monkeypatch):
+    def full_disk(blob, path):
+        open(path, "wb").write(b"the first bytes")
+        raise error
+    monkeypatch.setattr(torch, "save", full_disk)
+    model = tiny_model()
+    checkpoint = train.Checkpoint(str(tmp_path / "base.pt"), {}, 30, train.Config())
+    with pytest.raises(train.UserError, match=f"base.pt: the write failed .*--out-dir {tmp_path}"):
+        checkpoint.save(10, model, train.make_optimizer(model, 1e-3, 0.1), [])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_results_write_prints_the_table_first_and_leaves_no_tmp(smoke_run, tmp_path, monkeypatch, capsys):
+    for path in smoke_run[0].glob("*.pt"):  # every stage finished: only the evaluation runs
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    real = os.replace
+
+    def full_disk(source, target):
+        if str(target).endswith("results.json"):
+            raise OSError(28, "No space left on device")
+        real(source, target)
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--out-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "paired difference" in out and not list(tmp_path.glob("*.tmp")) and not (tmp_path / "results.json").exists()
+    assert err.endswith(f"error: {tmp_path}/results.json: the write failed (No space left on device); make room in "
+                        f"--out-dir {tmp_path} or choose another\n")
 
 
 def test_episode_bonuses_mark_reached_and_repeated_attempts():
@@ -780,6 +841,19 @@ def test_episode_bonuses_mark_reached_and_repeated_attempts():
 def test_tokens_to_reach_is_the_first_budget_at_the_target():
     assert evaluation.tokens_to_reach([0, 8, 16, 24], [0.1, 0.3, 0.2, 0.5], 0.3) == 8
     assert evaluation.tokens_to_reach([0, 8], [0.1, 0.2], 0.3) is None
+
+
+def test_a_read_only_out_dir_is_a_clear_error_before_any_work(tmp_path, monkeypatch, capsys):
+    tmp_path.chmod(0o500)
+    if os.access(tmp_path, os.W_OK):  # root writes anyway: refuse writes there the way a read-only directory does
+        def read_only(path, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", path)
+        monkeypatch.setattr(train, "open", read_only, raising=False)
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert f"--out-dir {tmp_path}: cannot write there (Permission denied)" in capsys.readouterr().err
+    tmp_path.chmod(0o700)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_out_dir_and_missing_device_are_clear_errors(tmp_path, capsys):

@@ -8,6 +8,7 @@ Every stage saves a checkpoint in --out-dir; re-running the same command skips f
 The defaults below are the cpu preset's; --preset gpu / smoke change some of them, and explicit flags win.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -16,6 +17,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -123,6 +125,7 @@ def flag(name: str) -> str:
 def parse_args(argv=None) -> Config:
     """Config from the command line: defaults, then the preset, then the flags given explicitly."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: fail(f"error: {message} (see --help)")  # one line, not argparse's usage block
     for f in fields(Config):
         if f.type is bool:
             parser.add_argument(flag(f.name), action="store_true", help=f.metadata["help"])
@@ -147,12 +150,14 @@ def check_config(cfg: Config):
     """Raise UserError naming the first option that is out of range."""
     for f in fields(cfg):
         low, value = f.metadata["low"], getattr(cfg, f.name)
+        if f.type is float and not math.isfinite(value):
+            raise UserError(f"{flag(f.name)} must be a finite number, got {value}")
         if low is not None and value < low:
             raise UserError(f"{flag(f.name)} must be >= {low}, got {value}")
     rules = [  # (broken, what to say)
         (cfg.practice_per_problem and not cfg.model_only, "--practice-per-problem teaches the results, which the "
                                                           "environment writes: use it with --model-only"),
-        (min(cfg.lr, cfg.warm_lr, cfg.rl_lr) <= 0, "--lr, --warm-lr and --rl-lr must be > 0"),
+        *[(getattr(cfg, n) <= 0, f"{flag(n)} must be > 0, got {getattr(cfg, n)}") for n in ("lr", "warm_lr", "rl_lr")],
         (cfg.cut_prob > 1, f"--cut-prob must be in [0, 1], got {cfg.cut_prob}"),
         (cfg.value_streams > cfg.eval_streams, f"--value-streams ({cfg.value_streams}) must not exceed --eval-streams "
                                                f"({cfg.eval_streams})"),
@@ -160,6 +165,9 @@ def check_config(cfg: Config):
         (cfg.task not in tasks.TASKS, f"--task must be one of {', '.join(tasks.TASKS)}, got {cfg.task!r}"),
         (cfg.restart not in ("best", "scratch"), f"--restart must be best or scratch, got {cfg.restart!r}"),
         (not set(cfg.arms.split(",")) <= set(ARMS), f"--arms must name some of {', '.join(ARMS)}, got {cfg.arms!r}"),
+        (len(set(cfg.arms.split(","))) < len(cfg.arms.split(",")), f"--arms names an arm twice: {cfg.arms!r}"),
+        (cfg.problem and not cfg.explain, "--problem is the problem for --explain: pass --explain too (base, warm, "
+                                          "rl_outcome_seed0, ...)"),
         ("mrt_prefix" in cfg.arms and cfg.rl_group < 2, "--arms mrt_prefix needs --rl-group >= 2 (answer now and "
                                                         "keep thinking)"),
     ]
@@ -169,8 +177,10 @@ def check_config(cfg: Config):
     task = make_task(cfg)
     room = cfg.block_size - task.prompt_tokens() - task.answer_tokens() - 1  # prompt, stream, <|answer|>, answer
     if cfg.max_think > room:
+        lower = f"lower --max-think to {room} or " if room >= 1 else ""
         raise UserError(f"--max-think ({cfg.max_think}) must leave room in --block-size ({cfg.block_size}) for the "
-                        f"prompt and the meta-prover's answer: at most {room} here")
+                        f"prompt and the meta-prover's answer: {lower}raise --block-size to "
+                        f"{cfg.block_size - room + cfg.max_think}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -194,6 +204,39 @@ def prepare_out_dir(path: str):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"--out-dir {path}: cannot write there ({e.strerror})") from None
+
+
+def write_error(path: str, error: Exception) -> UserError:
+    """A failed write (a full disk, a read-only mount) as one line naming the file and its --out-dir."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else "is the disk full?"
+    return UserError(f"{path}: the write failed ({reason}); make room in --out-dir {os.path.dirname(path) or '.'} or "
+                     f"choose another")
+
+
+def write_atomically(path: str, write):
+    """write(<path>.tmp), then rename it to `path`: a crash mid-write leaves the previous file intact, never a
+    truncated one, and a failed write leaves no .tmp behind. torch.save reports a full disk as a RuntimeError."""
+    try:
+        write(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        if isinstance(e, (OSError, RuntimeError)):
+            raise write_error(path, e) from None
+        raise
+
+
+def open_log(path: str):
+    """log(**row) appends a row to log.jsonl: training curves, stage timings, where each run starts."""
+    file = open(path, "a")
+
+    def log(**row):
+        try:
+            print(json.dumps(row), file=file, flush=True)
+        except OSError as e:
+            raise write_error(path, e) from None
+    return log
 
 
 def make_task(cfg: Config):
@@ -288,13 +331,12 @@ class Checkpoint:
             self.save(step, model, optimizer, rngs)
 
     def save(self, step: int, model, optimizer, rngs):
-        """Write atomically: a crash mid-write leaves the previous file intact, never a truncated one."""
+        """Write the checkpoint atomically (see `write_atomically`)."""
         blob = {"model": model.state_dict(), "model_args": asdict(model.config), "stage_config": self.stage_cfg,
                 "step": step, "optimizer": optimizer.state_dict(),
                 "rngs": [r.get_state() if isinstance(r, torch.Generator) else r.getstate() for r in rngs],
                 "tokenizer": {"alphabet": tasks.ALPHABET, "specials": tasks.SPECIALS}}
-        torch.save(blob, self.path + ".tmp")
-        os.replace(self.path + ".tmp", self.path)
+        write_atomically(self.path, lambda tmp: torch.save(blob, tmp))
 
 
 # ----------------------------------------------------------------------------- supervised stages
@@ -442,9 +484,6 @@ def run(cfg: Config) -> dict:
     """The whole pipeline: each stage skipped if finished, resumed if interrupted; writes results.json."""
     check_config(cfg)
     device = pick_device(cfg.device)
-    prepare_out_dir(cfg.out_dir)
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
-    log = lambda **row: print(json.dumps(row), file=log_file, flush=True)  # training curves and stage timings
     task = make_task(cfg)
     try:
         train, test = tasks.make_split(task, cfg.n_train, cfg.n_test, cfg.seed)
@@ -452,6 +491,11 @@ def run(cfg: Config) -> dict:
         raise UserError(str(e)) from None
     if cfg.rl_prompts > len(train):
         raise UserError(f"--rl-prompts ({cfg.rl_prompts}) must not exceed the {len(train)} training problems")
+    prepare_out_dir(cfg.out_dir)  # only now: a bad option creates nothing
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    earlier = evaluation.stage_seconds(log_path)  # stages trained by earlier runs here (loaded now) keep their times
+    log = open_log(log_path)
+    log(stage="start", time=time.strftime("%Y-%m-%d %H:%M:%S"), config=asdict(cfg))
     print(f"{task}: {len(train)} train / {len(test)} test problems, device {device}, out-dir {cfg.out_dir}")
     # Each stage has its own random streams, so a resumed run draws exactly what a fresh run would.
     rng = lambda stage: random.Random(f"{cfg.seed}-{stage}")
@@ -464,8 +508,10 @@ def run(cfg: Config) -> dict:
         """The model of a finished stage, loaded; otherwise train it (from where it stopped, if it was interrupted)."""
         checkpoint = Checkpoint(os.path.join(cfg.out_dir, f"{name}.pt"), key, steps, cfg)
         if checkpoint.finished():
+            model = model_from(checkpoint.blob, device)
             print(f"{name}: finished earlier, loaded {checkpoint.path}")
-            return model_from(checkpoint.blob, device)
+            timings.update({name: earlier[name]} if name in earlier else {})
+            return model
         start = time.time()
         model = train_stage(checkpoint)
         timings[name] = time.time() - start
@@ -521,24 +567,34 @@ def run(cfg: Config) -> dict:
     results = {"config": asdict(cfg), "machine": evaluation.machine(), "device": str(device),
                "train_problems": len(train), "test_problems": len(test), "stage_seconds": timings,
                "test_set": [task.prompt(p)[len(tasks.BOS):].strip() for p in test],
-               "learning_curve": evaluation.learning_curves(os.path.join(cfg.out_dir, "log.jsonl"), arms,
+               "learning_curve": evaluation.learning_curves(log_path, arms,
                                                             list(range(cfg.seed, cfg.seed + cfg.rl_seeds))),
                **evaluation.report(evals, cfg.seed)}
-    with open(os.path.join(cfg.out_dir, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(os.path.join(cfg.out_dir, "results.json.tmp"), os.path.join(cfg.out_dir, "results.json"))
-    evaluation.print_table(results, cfg)
-    evaluation.plot(results, cfg.out_dir)
+    evaluation.print_table(results, cfg)  # first: a failed write must not lose the evaluation
+    write_atomically(os.path.join(cfg.out_dir, "results.json"),
+                     lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+    try:
+        evaluation.plot(results, cfg.out_dir)
+    except OSError as e:
+        raise write_error(os.path.join(cfg.out_dir, "results.png"), e) from None
     return results
 
 
 def explain(cfg: Config, rollouts: int = 32):
     """Solve one problem with a trained model and show what "progress" means, episode by episode."""
+    check_config(cfg)
     device = pick_device(cfg.device)
     path = os.path.join(cfg.out_dir, f"{cfg.explain}.pt")
     if not os.path.exists(path):
         raise UserError(f"--explain {cfg.explain}: no checkpoint {path} (run train.py with this --out-dir first)")
-    model = load_model(path, device).eval()
+    blob = load_checkpoint(path, device)
+    shared = ("task", "n_numbers", "max_number", "max_target", "model_only", "block_size")  # the model's task and room
+    made = {k: v for k, v in blob["stage_config"].items() if k in shared and v != getattr(cfg, k)}
+    if made:
+        options = lambda values: " ".join(f"{flag(k)} {v}" for k, v in values.items())
+        raise UserError(f"--explain {cfg.explain}: {path} was made with {options(made)}, not "
+                        f"{options({k: getattr(cfg, k) for k in made})}: pass the options it was made with")
+    model = model_from(blob, device).eval()
     task = make_task(cfg)
     try:
         problem = task.parse_problem(cfg.problem) if cfg.problem else \
@@ -563,14 +619,22 @@ def explain(cfg: Config, rollouts: int = 32):
     print(f"answer: {tasks.decode(answer).replace(chr(10), ' ')}   reward r(x, z) = {reward}")
 
 
+def fail(message: str, code: int = 2):
+    """One line on stderr, no traceback, and the exit code."""
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv=None):
-    """Command-line entry point: user errors become one line on stderr and exit code 2."""
+    """Command-line entry point: user errors become one line on stderr and exit code 2; Ctrl-C one line and 130."""
     cfg = parse_args(argv)
     try:
         explain(cfg) if cfg.explain else run(cfg)
     except (UserError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {e}")
+    except KeyboardInterrupt:
+        fail("interrupted" + ("" if cfg.explain else f": finished stages and the last snapshot are kept in "
+                                                        f"{cfg.out_dir}; run the same command to resume"), 130)
 
 
 if __name__ == "__main__":
