@@ -31,18 +31,6 @@ def split_episodes(thinking: list[int]) -> list[list[int]]:
     return [e for e in episodes if e]
 
 
-def split_lines(thinking: list[int]) -> list[list[int]]:
-    """Cut z after every line (a step with its result and verdict, or a backtrack line): finer episodes, so that
-    J can also measure progress inside an attempt (the `mrt_steps` arm). Concatenating gives back the stream."""
-    ends, episodes = (tasks.NEWLINE_ID, *tasks.VERDICT_IDS), [[]]
-    for tok, after in zip(thinking, thinking[1:] + [None]):
-        episodes[-1].append(tok)
-        backtrack_line = episodes[-1][0] == tasks.BACKTRACK_ID and episodes[-1].count(tasks.NEWLINE_ID) == 1
-        if tok in ends and after not in tasks.VERDICT_IDS and not backtrack_line:  # a verdict: with its line
-            episodes.append([])  # (a backtrack line goes with the line after it: μ never answers right after it)
-    return [e for e in episodes if e]
-
-
 def split_completion(completion: list[int]):
     """(thinking, answer) token lists: the answer starts at <|answer|>; trailing pads are dropped."""
     completion = [t for t in completion if t != tasks.PAD_ID]
@@ -303,7 +291,6 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
 ARMS = {  # arm -> where the per-episode J of its progress bonus comes from (None: no bonus)
     "outcome": None,  # the 0/1 outcome reward only
     "mrt": "mu",  # + α · progress, J(μ | x, z_{0:j}) from μ's Monte Carlo rollouts (the paper's definition)
-    "mrt_steps": "mu",  # as mrt, with an episode per line (`split_lines`): progress inside an attempt too
     "mrt_verdict": "verdict",  # + α · progress, J from the environment's verdicts alone (`verdict_values`)
     "mrt_prefix": "prefix",  # the paper's RL form: answer now vs keep thinking from prefixes (`prefix_rollouts`)
 }
@@ -336,7 +323,7 @@ def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
                            dtype=torch.float)
     advantages = group_advantages(rewards.view(-1, cfg.rl_group)).flatten()
     thinking = [split_completion(c)[0] for c in completions]
-    episodes = [(split_lines if arm == "mrt_steps" else split_episodes)(t) for t in thinking]
+    episodes = [split_episodes(t) for t in thinking]
     if ARMS[arm] == "mu":
         values = episode_values(MetaProver(model, task, generator=meta_gen), problems, prompts, episodes,
                                 cfg.mc_rollouts)
@@ -350,7 +337,7 @@ def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
     flat = [b for bs in bonuses for b in bs]
     return Batch(prompts, completions, credit, {
         "reward": rewards.mean().item(), "tokens": sum(map(len, thinking)) / len(thinking),
-        "episodes": sum(len(split_episodes(t)) for t in thinking) / len(thinking),
+        "episodes": sum(map(len, episodes)) / len(episodes),
         "progress": sum(flat) / len(flat) if ARMS[arm] and flat else None})
 
 

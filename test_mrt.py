@@ -279,13 +279,6 @@ def test_split_episodes_on_hand_written_streams():
         assert [t for e in mrt.split_episodes(stream) for t in e] == stream
 
 
-def test_split_lines_cuts_after_each_line_and_keeps_verdicts_and_backtracks_with_their_line():
-    stream = encode("1+2=3\n3*3=9\n" + tasks.MISSED + BACKTRACK + "1\n3+3=6\n")
-    assert [decode(e) for e in mrt.split_lines(stream)] == ["1+2=3\n", "3*3=9\n" + tasks.MISSED,
-                                                            BACKTRACK + "1\n3+3=6\n"]  # the backtrack line: with the next
-    assert sum(mrt.split_lines(stream), []) == stream
-
-
 def test_J_after_a_backtrack_on_a_hand_built_stream():
     """z_0 misses, z_1 = backtrack line + a right attempt. μ is asked to answer after x, after z_0 and after z_{0:1},
     never right after a backtrack line; a μ that copies the last attempt gives J = 0, 0, 1: progress 0, then +1."""

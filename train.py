@@ -74,9 +74,8 @@ class Config:
                                "restarts succeed most, the paper's recipe) or scratch (step 0)")
     # stage 3: RL
     arms: str = opt("outcome,mrt", "RL arms, comma-separated: outcome (0/1 reward), mrt (+ each episode's progress "
-                                   "bonus, J from μ), mrt_steps (an episode per line), mrt_verdict (J read off the "
-                                   "verdicts: no μ) and mrt_prefix (the paper's RL form: answer now vs keep thinking "
-                                   "from prefixes)")
+                                   "bonus, J from μ), mrt_verdict (J read off the verdicts: no μ) and mrt_prefix (the "
+                                   "paper's RL form: answer now vs keep thinking from prefixes)")
     rl_steps: int = opt(200, "REINFORCE steps per arm", 0)
     rl_prompts: int = opt(16, "problems per RL step", 1)
     rl_group: int = opt(8, "samples per problem (the group of the baseline)", 1)
@@ -258,7 +257,6 @@ STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "max_think", "restart", "mu_after_miss"],
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
     "mrt": ["alpha", "mc_rollouts"],
-    "mrt_steps": ["alpha", "mc_rollouts"],
     "mrt_verdict": ["alpha"],
     "mrt_prefix": ["alpha"],
 }
