@@ -57,9 +57,7 @@ def training_step(cfg, device):
     def step():
         with autocast(device):
             _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train.optimizer_step(model, optimizer, loss, "bench")
     return step, model, x
 
 
@@ -144,7 +142,7 @@ def load_warm(cfg, device, out_dir):
     """The warm-start model of a finished train.py run in out_dir (realistic lengths), else an untrained one."""
     path = os.path.join(out_dir, "warm.pt")
     if os.path.exists(path):
-        return train.load_model(path, device), path
+        return train.model_from(train.load_checkpoint(path, device), device), path
     return train.new_model(cfg, device), "untrained (run train.py first for realistic lengths)"
 
 
@@ -154,7 +152,7 @@ def bench_rl(cfg, device, out_dir) -> dict:
     task = train.make_task(cfg)
     problems = [p for p in tasks.make_split(task, cfg.rl_prompts, 1, cfg.seed)[0] for _ in range(cfg.rl_group)]
     seconds = {}
-    for arm in train.ARMS:
+    for arm in mrt.ARMS:
         policy = copy.deepcopy(model)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
         gen, meta_gen = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(1)
@@ -186,7 +184,7 @@ def main():
                "pipeline_s": evaluation.stage_seconds(os.path.join(args.out_dir, "log.jsonl"))}
     with open("bench.json", "w") as f:
         json.dump(results, f, indent=1)
-    t, s, r = results["training"], results["sampling"], results["rl_step"]
+    t, s, e, r = results["training"], results["sampling"], results["environment"], results["rl_step"]
     print(f"machine: {results['machine']} ({device}, {results['threads']} threads)")
     print(f"{'matmul peak':<34}{peak / 1e9:>10.1f} GFLOP/s")
     print(f"{'training step':<34}{t['tokens_per_s']:>10.0f} tok/s   MFU {100 * t['mfu']:.0f}% of peak "
@@ -194,7 +192,6 @@ def main():
     print(f"{'sampling, KV cache':<34}{s['kv_cache_tokens_per_s']:>10.0f} tok/s")
     print(f"{'sampling, recompute prefix':<34}{s['recompute_tokens_per_s']:>10.0f} tok/s   speed-up "
           f"{s['speedup']:.1f}x, identical outputs: {s['identical_outputs']}")
-    e = results["environment"]
     print(f"{'sampling with / without environment':<34}{e['with_env_s']:>10.2f} s / {e['model_only_s']:.2f} s   "
           f"ratio {e['ratio']:.2f}x ({e['rows']} streams)")
     print(f"{'  of it in the environment (host)':<34}{100 * e['environment_share']:>10.0f} %")

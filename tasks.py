@@ -29,15 +29,11 @@ BOS, EOS, BACKTRACK, ANSWER, PAD, REACHED, MISSED = SPECIALS
 _SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIALS))
 
 
-def make_tokenizer() -> tiktoken.Encoding:
-    """One token per character of ALPHABET, plus one id per special token."""
-    ranks = {ch.encode(): i for i, ch in enumerate(ALPHABET)}
-    specials = {s: len(ALPHABET) + i for i, s in enumerate(SPECIALS)}
-    # `[\s\S]` splits text into single characters (newline included), so BPE never merges anything.
-    return tiktoken.Encoding(name="mrt-char", pat_str=r"[\s\S]", mergeable_ranks=ranks, special_tokens=specials)
-
-
-TOKENIZER = make_tokenizer()
+# One token per character of ALPHABET (`[\s\S]` splits text into single characters, newline included, so BPE never
+# merges anything), plus one id per special token.
+TOKENIZER = tiktoken.Encoding(name="mrt-char", pat_str=r"[\s\S]",
+                              mergeable_ranks={ch.encode(): i for i, ch in enumerate(ALPHABET)},
+                              special_tokens={s: len(ALPHABET) + i for i, s in enumerate(SPECIALS)})
 BOS_ID, EOS_ID, BACKTRACK_ID, ANSWER_ID, PAD_ID, REACHED_ID, MISSED_ID = map(TOKENIZER.encode_single_token, SPECIALS)
 NEWLINE_ID, EQUALS_ID = TOKENIZER.encode_single_token("\n"), TOKENIZER.encode_single_token("=")
 VERDICT_IDS = (REACHED_ID, MISSED_ID)  # only the environment writes these: the sampler never draws them
@@ -195,25 +191,21 @@ class Countdown(NumberTask):
 
     def apply(self, state: tuple, line: str):
         step = parse_step(line)
-        if step is None:
+        if step is None or calculate(*step[:3]) != step[3]:
             return None
-        a, op, b, c = step
+        a, _, b, c = step
         rest = list(state)
         for x in (a, b):
             if x not in rest:
                 return None
             rest.remove(x)
-        if calculate(a, op, b) != c:
-            return None
         return tuple(sorted(rest + [c]))
 
     def moves(self, state: tuple) -> list[str]:
         """Larger number first, each pair of positions once."""
-        out = set()
-        for i, j in itertools.combinations(range(len(state)), 2):
-            a, b = state[j], state[i]  # the state is sorted, so a >= b
-            out.update(f"{a}{op}{b}={c}" for op in OPERATIONS if (c := calculate(a, op, b)) is not None)
-        return sorted(out)
+        steps = {f"{a}{op}{b}={c}" for b, a in itertools.combinations(state, 2)  # b <= a: the state is sorted
+                 for op in OPERATIONS if (c := calculate(a, op, b)) is not None}
+        return sorted(steps)
 
 
 @dataclass(frozen=True)
@@ -226,10 +218,8 @@ class Chain(NumberTask):
         return tuple(numbers)
 
     def apply(self, state: tuple, line: str):
-        step = parse_step(line)
-        if step is None or len(state) < 2 or step[0] != state[0] or step[2] != state[1]:
-            return None
-        if calculate(*step[:3]) != step[3]:
+        step = parse_step(line)  # the running result and the next number, combined
+        if step is None or (step[0], step[2]) != state[:2] or calculate(*step[:3]) != step[3]:
             return None
         return (step[3],) + state[2:]
 
@@ -289,8 +279,7 @@ def run_steps(task, problem, lines):
     """The state after playing `lines` from the start, or None at the first invalid step."""
     state = task.start(problem)
     for line in lines:
-        state = task.apply(state, line)
-        if state is None:
+        if (state := task.apply(state, line)) is None:
             return None
     return state
 
@@ -393,11 +382,8 @@ def base_examples(task, problems, solutions_per_problem: int, cut_prob: float, p
     """(problem, pieces) examples, pieces being (text, learn) pairs; the loss is on learn=True text only. Per problem:
     `solutions_per_problem` solver solutions, one attempt then the answer, of which `cut_prob` cut the thinking short
     before <|answer|> (this teaches μ to answer from partial thinking); and `practice_per_problem` random legal lines
-    of play with the loss on each step's result only (arithmetic practice, off by default).
-
-    Why practice: a solution's last result is always the target, so a model that learns results from solutions
-    alone learns to *bend* its last step onto the target (`9*7=39`), and a failed attempt looks like a success.
-    """
+    of play with the loss on each step's result only (arithmetic practice for --model-only: a solution's last result
+    is always the target, so from solutions alone a model learns to bend its last step onto it, `9*7=39`)."""
     out = []
     for p in problems:
         solutions = task.solutions(task.start(p), p[1])
@@ -436,16 +422,6 @@ class Trace:
         return [(first, False), *retry, (solve, True)]
 
 
-    def answers_after_misses(self, task) -> list[list[tuple[str, bool]]]:
-        """μ's examples after each failed attempt (z_0, and the retry if there is one): forced to answer there, the
-        solution that keeps z_0's best k steps. The loss is on the answer only."""
-        first = attempt_text(task, self.problem, self.first_attempt)
-        contexts = [first] + ([first + f"{BACKTRACK}{self.keep}\n" + attempt_text(task, self.problem, self.retry,
-                                                                                  self.keep)] if self.retry else [])
-        answer = steps_text(self.first_attempt[:self.keep] + self.new_steps) + EOS
-        return [[(context + ANSWER, False), (answer, True)] for context in contexts]
-
-
 def restart_steps(task, problem, attempt) -> list[int]:
     """Steps k worth backtracking to: z_0's first k steps are legal and a solution goes on with a *different* step k."""
     last = min(valid_prefix(task, problem, attempt), len(attempt) - 1) if attempt else 0
@@ -465,8 +441,7 @@ def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng: random.
     step lists of the base model's successful restarts, `misses[k]` those of its whole restarts that missed. The
     solving attempt is one of the successful restarts that leaves z_0 at step k, or else a solver's solution that
     does; where a restart from k missed, half the traces first retry with it and backtrack again, so that the model
-    also learns what to do after a second miss.
-    """
+    also learns what to do after a second miss."""
     keep = max(rates, key=lambda k: (rates[k], k))
     good = [s[keep:] for s in rollouts.get(keep, []) if keep >= len(attempt) or s[keep] != attempt[keep]]
     new_steps = good[0] if good else rng.choice(other_solutions(task, problem, attempt, keep))[keep:]

@@ -420,15 +420,6 @@ def test_a_trace_with_a_failed_retry_learns_both_backtracks_and_neither_failure(
                                   (back + "9*3=27\n27-7=20\n" + tasks.REACHED + ANSWER + "9*3=27\n27-7=20\n" + EOS, True)]
 
 
-def test_mu_after_a_miss_answers_with_the_solution_of_the_best_restart():
-    trace = tasks.Trace(PROBLEM, ["9*3=27", "27+7=34"], keep=1, new_steps=["27-7=20"], retry=["9*3=27", "27*7=189"])
-    after_first, after_retry = trace.answers_after_misses(TASK)
-    for (context, learn_context), (answer, learn_answer) in (after_first, after_retry):
-        assert context.endswith(tasks.MISSED + ANSWER) and not learn_context and learn_answer
-        assert answer == "9*3=27\n27-7=20\n" + EOS and verify(TASK, PROBLEM, context + answer)
-    assert after_retry[0][0].count(tasks.MISSED) == 2
-
-
 def test_no_backtrack_target_where_the_kept_steps_already_solve_it():
     attempt = ["9*3=27", "27-7=20", "20+1=21"]  # solved after two steps, then a stray line
     # 9*3=27, 27-7=20 is the only solution, and keeping both steps leaves nothing to redo: nowhere to go back to

@@ -5,8 +5,10 @@
     python train.py --preset gpu
 
 Every stage saves a checkpoint in --out-dir; re-running the same command skips finished stages.
-The defaults below are the cpu preset's; --preset gpu / smoke change some of them, and explicit flags win.
+The defaults (Config, after the pipeline) are the cpu preset's; --preset gpu / smoke change some, explicit flags win.
 """
+from __future__ import annotations
+
 import argparse
 import contextlib
 import copy
@@ -18,323 +20,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import get_type_hints
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import evaluation
 import mrt
 import tasks
 from model import GPT, GPTConfig, autocast
-
-
-def opt(default, help, low=None):
-    """A Config field: its default, its --help text and the smallest value it accepts (checked by check_config)."""
-    return field(default=default, metadata={"help": help, "low": low})
-
-
-@dataclass
-class Config:
-    """Every option of the pipeline; each field is a command-line flag (--n-numbers for n_numbers)."""
-    # task
-    task: str = opt("countdown", "which task (see tasks.TASKS)")
-    n_numbers: int = opt(3, "numbers per Countdown problem", 2)
-    max_number: int = opt(10, "numbers are drawn from 1..max_number", 1)
-    max_target: int = opt(100, "largest target", 1)
-    n_train: int = opt(100_000, "training problems (capped by how many distinct problems exist)", 1)
-    n_test: int = opt(300, "held-out test problems", 1)
-    # model
-    n_layer: int = opt(4, "transformer blocks", 1)
-    n_head: int = opt(4, "attention heads", 1)
-    n_embd: int = opt(96, "embedding width", 1)
-    block_size: int = opt(128, "longest sequence (prompt + completion) in tokens", 1)
-    # stage 1: base model
-    base_steps: int = opt(800, "pretraining steps on solver solutions", 0)
-    batch_size: int = opt(128, "sequences per SFT step", 1)
-    lr: float = opt(3e-3, "peak learning rate of base pretraining (warmup + cosine)")
-    solutions_per_problem: int = opt(4, "solver solutions written out per training problem", 1)
-    cut_prob: float = opt(0.25, "share of base examples whose thinking is cut short before <|answer|> (teaches μ)", 0)
-    practice_per_problem: int = opt(0, "random lines of play per problem, loss on the results only (arithmetic "
-                                       "practice)", 0)
-    model_only: bool = opt(False, "no environment: the model writes each step's result and gets no verdict (the "
-                                  "format before the environment)")
-    no_env_loss: bool = opt(False, "supervised stages put no loss on the tokens the environment writes (by default "
-                                   "they do: predicting the results teaches the model arithmetic, although it never "
-                                   "writes them)")
-    eval_every: int = opt(200, "steps between held-out evaluations while pretraining (0: never)", 0)
-    # stage 2: backtracking warm-start
-    warm_problems: int = opt(100_000, "training problems whose first attempts become warm-start traces (capped by "
-                                      "the training set: on fewer, the warm-start overfits them)", 0)
-    warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step", 1)
-    warm_steps: int = opt(300, "warm-start SFT steps", 0)
-    warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
-    mu_after_miss: float = opt(0.0, "share of the backtracking traces that also teach μ to answer right after each "
-                                    "failed attempt, with the solution that z_0's best restart point leads to", 0)
-    restart: str = opt("best", "where a trace backtracks to after a failed z_0: best (the step whose Monte Carlo "
-                               "restarts succeed most, the paper's recipe) or scratch (step 0)")
-    # stage 3: RL
-    arms: str = opt("outcome,mrt", "RL arms, comma-separated: outcome (0/1 reward), mrt (+ each episode's progress "
-                                   "bonus, J from μ), mrt_verdict (J read off the verdicts: no μ) and mrt_prefix (the "
-                                   "paper's RL form: answer now vs keep thinking from prefixes)")
-    rl_steps: int = opt(200, "REINFORCE steps per arm", 0)
-    rl_prompts: int = opt(16, "problems per RL step", 1)
-    rl_group: int = opt(8, "samples per problem (the group of the baseline)", 1)
-    rl_lr: float = opt(1e-4, "RL learning rate (constant)")
-    alpha: float = opt(1.0, "weight α of the progress bonus in the MRT reward", 0)
-    mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})", 1)
-    max_think: int = opt(64, "completion tokens the policy may write during RL", 1)
-    rl_seeds: int = opt(1, "RL seeds (each runs every arm from the same warm start)", 1)
-    curve_every: int = opt(40, "RL steps between held-out accuracy checks, the learning curve (0: none)", 0)
-    curve_streams: int = opt(4, "sampled streams per test problem at each learning-curve check", 1)
-    # evaluation
-    eval_streams: int = opt(16, "sampled streams per test problem (accuracy, pass@k, majority vote, tokens)", 1)
-    value_streams: int = opt(2, "of those, streams per problem that μ scores (J, regret, budget-forced accuracy)", 1)
-    eval_rollouts: int = opt(2, "meta-prover rollouts per prefix at evaluation", 1)
-    max_episodes: int = opt(5, "episodes K of the J and regret curves", 1)
-    budget_step: int = opt(8, "spacing of the token-budget grid of budget-forced accuracy", 1)
-    # run
-    seed: int = opt(0, "seed of data, initialisation and sampling")
-    device: str = opt("auto", "auto, cpu, cuda or mps")
-    out_dir: str = opt("out", "where checkpoints, logs and results go")
-    preset: str = opt("cpu", "cpu (default sizes), gpu (4 numbers, larger model) or smoke (tiny, seconds)")
-    smoke: bool = opt(False, "same as --preset smoke")
-    fresh: bool = opt(False, "ignore existing checkpoints in --out-dir and run every stage again")
-    snapshot_every: int = opt(50, "steps between a stage's checkpoints, from which an interrupted stage resumes", 1)
-    explain: str = opt("", "only print one output stream episode by episode, with J and progress, from this stage's "
-                           "checkpoint in --out-dir (base, warm, rl_outcome_seed0, rl_mrt_seed0, ...)")
-    problem: str = opt("", "the problem for --explain, e.g. '3 7 9:20' (default: a random test problem)")
-
-
-PRESETS = {
-    "cpu": {},
-    "gpu": dict(n_numbers=4, n_layer=6, n_head=6, n_embd=384, block_size=192, base_steps=4000, batch_size=256,
-                warm_problems=4096, rl_steps=200, rl_prompts=32, max_think=128, n_test=1000, lr=1e-3),
-    "smoke": dict(n_train=1000, n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
-                  warm_problems=32, warm_rollouts=2, warm_steps=10, rl_steps=2, rl_prompts=4, rl_group=4,
-                  mc_rollouts=2, rl_seeds=1, arms="outcome,mrt,mrt_prefix", eval_streams=4, value_streams=2,
-                  eval_rollouts=1, max_episodes=3, budget_step=16, snapshot_every=5),
-}
-
-
-def flag(name: str) -> str:
-    """The command-line flag of a Config field: n_numbers -> --n-numbers."""
-    return "--" + name.replace("_", "-")
-
-
-def parse_args(argv=None) -> Config:
-    """Config from the command line: defaults, then the preset, then the flags given explicitly."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = lambda message: fail(f"error: {message} (see --help)")  # one line, not argparse's usage block
-    for f in fields(Config):
-        if f.type is bool:
-            parser.add_argument(flag(f.name), action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(flag(f.name), type=f.type, default=None, metavar=f.type.__name__.upper(),
-                                help=f.metadata["help"] + (f" (default: {f.default})" if f.default != "" else ""))
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
-    if args.get("preset", "cpu") not in PRESETS:
-        parser.error(f"--preset must be one of {', '.join(PRESETS)}, got {args['preset']!r}")
-    preset = "smoke" if args.get("smoke") else args.get("preset", "cpu")
-    if preset == "smoke":
-        args.setdefault("out_dir", "out/smoke")
-    return Config(**{**PRESETS[preset], **args, "preset": preset})
-
-
-# ----------------------------------------------------------------------------- checks and set-up
-class UserError(Exception):
-    """Bad input from the user: reported as one line naming the option or file, without a traceback."""
-
-
-def check_config(cfg: Config):
-    """Raise UserError naming the first option that is out of range."""
-    for f in fields(cfg):
-        low, value = f.metadata["low"], getattr(cfg, f.name)
-        if f.type is float and not math.isfinite(value):
-            raise UserError(f"{flag(f.name)} must be a finite number, got {value}")
-        if low is not None and value < low:
-            raise UserError(f"{flag(f.name)} must be >= {low}, got {value}")
-    rules = [  # (broken, what to say)
-        (cfg.practice_per_problem and not cfg.model_only, "--practice-per-problem teaches the results, which the "
-                                                          "environment writes: use it with --model-only"),
-        *[(getattr(cfg, n) <= 0, f"{flag(n)} must be > 0, got {getattr(cfg, n)}") for n in ("lr", "warm_lr", "rl_lr")],
-        (cfg.cut_prob > 1, f"--cut-prob must be in [0, 1], got {cfg.cut_prob}"),
-        (cfg.value_streams > cfg.eval_streams, f"--value-streams ({cfg.value_streams}) must not exceed --eval-streams "
-                                               f"({cfg.eval_streams})"),
-        (cfg.n_embd % cfg.n_head, f"--n-embd ({cfg.n_embd}) must be a multiple of --n-head ({cfg.n_head})"),
-        (cfg.task not in tasks.TASKS, f"--task must be one of {', '.join(tasks.TASKS)}, got {cfg.task!r}"),
-        (cfg.restart not in ("best", "scratch"), f"--restart must be best or scratch, got {cfg.restart!r}"),
-        (not set(cfg.arms.split(",")) <= set(ARMS), f"--arms must name some of {', '.join(ARMS)}, got {cfg.arms!r}"),
-        (len(set(cfg.arms.split(","))) < len(cfg.arms.split(",")), f"--arms names an arm twice: {cfg.arms!r}"),
-        (cfg.problem and not cfg.explain, "--problem is the problem for --explain: pass --explain too (base, warm, "
-                                          "rl_outcome_seed0, ...)"),
-        ("mrt_prefix" in cfg.arms and cfg.rl_group < 2, "--arms mrt_prefix needs --rl-group >= 2 (answer now and "
-                                                        "keep thinking)"),
-    ]
-    for broken, message in rules:
-        if broken:
-            raise UserError(message)
-    task = make_task(cfg)
-    room = cfg.block_size - task.prompt_tokens() - task.answer_tokens() - 1  # prompt, stream, <|answer|>, answer
-    if cfg.max_think > room:
-        lower = f"lower --max-think to {room} or " if room >= 1 else ""
-        raise UserError(f"--max-think ({cfg.max_think}) must leave room in --block-size ({cfg.block_size}) for the "
-                        f"prompt and the meta-prover's answer: {lower}raise --block-size to "
-                        f"{cfg.block_size - room + cfg.max_think}")
-
-
-def pick_device(name: str) -> torch.device:
-    """--device auto picks cuda, then mps, then cpu; a named device must exist here."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        name = next(d for d, ok in available.items() if ok)
-    if name not in available:
-        raise UserError(f"--device must be auto, cpu, cuda or mps, got {name!r}")
-    if not available[name]:
-        raise UserError(f"--device {name}: no {name} device is available on this machine (try --device cpu)")
-    return torch.device(name)
-
-
-def prepare_out_dir(path: str):
-    """Create --out-dir and check that it is writable, before any work is done."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out-dir {path}: cannot write there ({e.strerror})") from None
-
-
-def write_error(path: str, error: Exception) -> UserError:
-    """A failed write (a full disk, a read-only mount) as one line naming the file and its --out-dir."""
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else "is the disk full?"
-    return UserError(f"{path}: the write failed ({reason}); make room in --out-dir {os.path.dirname(path) or '.'} or "
-                     f"choose another")
-
-
-def write_atomically(path: str, write):
-    """write(<path>.tmp), then rename it to `path`: a crash mid-write leaves the previous file intact, never a
-    truncated one, and a failed write leaves no .tmp behind. torch.save reports a full disk as a RuntimeError."""
-    try:
-        write(path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        if isinstance(e, (OSError, RuntimeError)):
-            raise write_error(path, e) from None
-        raise
-
-
-def open_log(path: str):
-    """log(**row) appends a row to log.jsonl: training curves, stage timings, where each run starts."""
-    file = open(path, "a")
-
-    def log(**row):
-        try:
-            print(json.dumps(row), file=file, flush=True)
-        except OSError as e:
-            raise write_error(path, e) from None
-    return log
-
-
-def make_task(cfg: Config):
-    """The task object the options describe."""
-    return tasks.TASKS[cfg.task](cfg.n_numbers, cfg.max_number, cfg.max_target, calculator=not cfg.model_only)
-
-
-def new_model(cfg: Config, device) -> GPT:
-    """A freshly initialised GPT of the configured size."""
-    config = GPTConfig(cfg.block_size, tasks.VOCAB_SIZE, cfg.n_layer, cfg.n_head, cfg.n_embd)
-    return GPT(config).to(device)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
-    "base": ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
-             "block_size", "seed", "base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob",
-             "practice_per_problem", "model_only", "no_env_loss"],
-    "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "max_think", "restart", "mu_after_miss"],
-    "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
-    "mrt": ["alpha", "mc_rollouts"],
-    "mrt_verdict": ["alpha"],
-    "mrt_prefix": ["alpha"],
-}
-ARMS = list(mrt.ARMS)
-DEFAULTS = {f.name: f.default for f in fields(Config)}
-
-
-def stage_config(cfg: Config, stage: str) -> dict:
-    """The options a stage's result depends on: the warm-start builds on the base model, an RL arm on both and on
-    the options every arm shares (listed under "outcome"), then on its own."""
-    chain = {"base": ["base"], "warm": ["base", "warm"]}.get(stage, ["base", "warm", "outcome", stage])
-    return {n: getattr(cfg, n) for s in dict.fromkeys(chain) for n in STAGE_FIELDS[s]}
-
-
-def load_checkpoint(path: str, device) -> dict:
-    """A checkpoint dict; a truncated or foreign file is a UserError naming it."""
-    try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-        assert isinstance(blob, dict) and {"model", "model_args", "stage_config", "step"} <= blob.keys()
-    except Exception as e:
-        raise UserError(f"{path}: not a readable mrt checkpoint ({type(e).__name__}); "
-                        f"delete it or pass --fresh") from None
-    return blob
-
-
-def model_from(blob: dict, device) -> GPT:
-    """The GPT stored in a checkpoint dict."""
-    model = GPT(GPTConfig(**blob["model_args"])).to(device)
-    model.load_state_dict(blob["model"])
-    return model
-
-
-def load_model(path: str, device) -> GPT:
-    """The GPT stored in the checkpoint file at `path`."""
-    return model_from(load_checkpoint(path, device), device)
-
-
-class Checkpoint:
-    """A stage's file <out-dir>/<stage>.pt, a plain dict as in nanoGPT: model, optimizer, random-number states, step,
-    and the options the stage depends on. Written every --snapshot-every steps and at the end: an interrupted stage
-    resumes where it stopped and then draws exactly what an uninterrupted run would have; a finished one is loaded."""
-
-    def __init__(self, path: str, stage_cfg: dict, steps: int, cfg: Config):
-        self.path, self.stage_cfg, self.steps, self.every = path, stage_cfg, steps, cfg.snapshot_every
-        self.blob = None if cfg.fresh or not os.path.exists(path) else load_checkpoint(path, "cpu")
-        saved = {**DEFAULTS, **self.blob["stage_config"]} if self.blob else {}  # an older file lacks newer options
-        diff = sorted(k for k in stage_cfg if self.blob and saved.get(k) != stage_cfg[k])
-        if diff:
-            raise UserError(f"{path} was made with different options ({', '.join(diff)}); "
-                            f"pass --fresh to overwrite it or choose another --out-dir")
-
-    def finished(self) -> bool:
-        """Whether the file holds the stage's last step."""
-        return self.blob is not None and self.blob["step"] == self.steps
-
-    def resume(self, model, optimizer, rngs) -> int:
-        """Load the saved state into model, optimizer and generators; returns the step to continue from."""
-        if self.blob is None:
-            return 0
-        model.load_state_dict(self.blob["model"])
-        optimizer.load_state_dict(self.blob["optimizer"])
-        for rng, state in zip(rngs, self.blob["rngs"]):
-            rng.set_state(state) if isinstance(rng, torch.Generator) else rng.setstate(state)
-        print(f"{self.path}: resuming at step {self.blob['step']}")
-        return self.blob["step"]
-
-    def step_done(self, step: int, model, optimizer, rngs):
-        """After `step` steps: every `every` steps, a point to resume from (the last step is saved by `save`)."""
-        if step % self.every == 0 and step < self.steps:
-            self.save(step, model, optimizer, rngs)
-
-    def save(self, step: int, model, optimizer, rngs):
-        """Write the checkpoint atomically (see `write_atomically`)."""
-        blob = {"model": model.state_dict(), "model_args": asdict(model.config), "stage_config": self.stage_cfg,
-                "step": step, "optimizer": optimizer.state_dict(),
-                "rngs": [r.get_state() if isinstance(r, torch.Generator) else r.getstate() for r in rngs],
-                "tokenizer": {"alphabet": tasks.ALPHABET, "specials": tasks.SPECIALS}}
-        write_atomically(self.path, lambda tmp: torch.save(blob, tmp))
 
 
 # ----------------------------------------------------------------------------- supervised stages
@@ -351,12 +46,9 @@ def sft_tensors(task, examples, block_size: int, env_loss: bool = True):
     T = max(len(ids) for ids, _ in rows) - 1
     if T > block_size:
         raise UserError(f"training sequences reach {T} tokens: raise --block-size above it")
-    X = torch.full((len(rows), T), tasks.PAD_ID, dtype=torch.long)
-    Y = torch.full((len(rows), T), -1, dtype=torch.long)
-    for i, (ids, learn) in enumerate(rows):
-        ids, learn = torch.tensor(ids), torch.tensor(learn)
-        X[i, :len(ids) - 1] = ids[:-1]
-        Y[i, :len(ids) - 1] = torch.where(learn[1:], ids[1:], -1)
+    X = pad_sequence([torch.tensor(ids[:-1]) for ids, _ in rows], batch_first=True, padding_value=tasks.PAD_ID)
+    Y = pad_sequence([torch.where(torch.tensor(learn[1:]), torch.tensor(ids[1:]), -1) for ids, learn in rows],
+                     batch_first=True, padding_value=-1)
     return X, Y
 
 
@@ -427,6 +119,45 @@ def greedy_accuracy(model, task, problems, cfg) -> float:
     return sum(tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)) / len(problems)
 
 
+def stage_rngs(cfg: Config, stage: str) -> tuple[random.Random, torch.Generator]:
+    """A stage's own random streams (its data's, its SFT batches'): a resumed run draws what a fresh one would."""
+    seed = f"{cfg.seed}-{stage}"
+    return random.Random(seed), torch.Generator().manual_seed(random.Random(seed).getrandbits(63))
+
+
+def train_base(task, train, test, cfg: Config, device, log, checkpoint) -> GPT:
+    """Stage 1: a fresh model learns solver solutions (see `tasks.base_examples`)."""
+    rng, batches = stage_rngs(cfg, "base")
+    torch.manual_seed(cfg.seed)
+    model = new_model(cfg, device)
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters")
+    examples = tasks.base_examples(task, train, cfg.solutions_per_problem, cfg.cut_prob, cfg.practice_per_problem, rng)
+    X, Y = sft_tensors(task, examples, cfg.block_size, not cfg.no_env_loss)
+    return train_sft(model, X, Y, cfg.base_steps, cfg.lr, cfg, device, batches, "base", log, checkpoint,
+                     lambda m: greedy_accuracy(m, task, test, cfg))
+
+
+def train_warm(base, task, train, cfg: Config, device, log, checkpoint) -> GPT:
+    """Stage 2: a copy of the base model learns backtracking traces built from its own first attempts."""
+    (rng, batches), gen = stage_rngs(cfg, "warm"), torch.Generator(device).manual_seed(cfg.seed)
+    base.eval()
+    with autocast(device):
+        traces = mrt.build_traces(base, task, rng.sample(train, min(cfg.warm_problems, len(train))),
+                                  cfg.warm_rollouts, cfg.max_think, gen, rng, cfg.restart)
+    text = lambda t: task.prompt(t.problem) + "".join(piece for piece, _ in t.pieces(task))
+    traces = [t for t in traces if len(tasks.encode(text(t))) <= cfg.block_size + 1]  # long misses can overflow
+    backtracks = sum(t.keep is not None for t in traces)
+    print(f"warm-start: {len(traces)} traces, {backtracks} backtrack after a failed first attempt")
+    log(stage="warm", traces=len(traces), backtrack_traces=backtracks)
+    # Replay base examples too (one problem's worth per `solutions_per_problem` traces): keeps the skills and μ.
+    replayed = rng.sample(train, min(len(train), max(1, len(traces) // cfg.solutions_per_problem)))
+    replay = tasks.base_examples(task, replayed, cfg.solutions_per_problem, cfg.cut_prob, cfg.practice_per_problem, rng)
+    X, Y = sft_tensors(task, [(t.problem, t.pieces(task)) for t in traces] + replay, cfg.block_size,
+                       not cfg.no_env_loss)
+    return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, batches, "warm-start", log,
+                     checkpoint)
+
+
 # ----------------------------------------------------------------------------- RL: outcome vs MRT
 def rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device) -> dict:
     """One on-policy REINFORCE step of `arm` (see `mrt.rollouts`); returns the numbers to log."""
@@ -440,9 +171,10 @@ def rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device) -
     return {**batch.stats, "loss": loss.item()}
 
 
-def train_rl(model, task, train, test, cfg, arm, seed, device, log, checkpoint):
-    """REINFORCE from the warm start. Both arms see the same problems in the same order (the data seed is shared).
-    Every --curve-every steps, and after the last, the held-out accuracy is logged: the learning curve."""
+def train_rl(warm, task, train, test, cfg, arm, seed, device, log, checkpoint):
+    """REINFORCE from (a copy of) the warm start. Both arms see the same problems in the same order (the data seed is
+    shared). Every --curve-every steps, and after the last, the held-out accuracy is logged: the learning curve."""
+    model = copy.deepcopy(warm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
     data = random.Random(seed)
     gen, meta_gen = torch.Generator(device).manual_seed(seed), torch.Generator(device).manual_seed(seed + 10_007)
@@ -489,73 +221,33 @@ def run(cfg: Config) -> dict:
         raise UserError(str(e)) from None
     if cfg.rl_prompts > len(train):
         raise UserError(f"--rl-prompts ({cfg.rl_prompts}) must not exceed the {len(train)} training problems")
-    prepare_out_dir(cfg.out_dir)  # only now: a bad option creates nothing
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     earlier = evaluation.stage_seconds(log_path)  # stages trained by earlier runs here (loaded now) keep their times
-    log = open_log(log_path)
+    log, timings = open_log(log_path), {}  # only now: a bad option creates nothing
     log(stage="start", time=time.strftime("%Y-%m-%d %H:%M:%S"), config=asdict(cfg))
     print(f"{task}: {len(train)} train / {len(test)} test problems, device {device}, out-dir {cfg.out_dir}")
-    # Each stage has its own random streams, so a resumed run draws exactly what a fresh run would.
-    rng = lambda stage: random.Random(f"{cfg.seed}-{stage}")
-    torch_gen = lambda stage: torch.Generator().manual_seed(rng(stage).getrandbits(63))
-    examples = lambda problems, r: tasks.base_examples(task, problems, cfg.solutions_per_problem, cfg.cut_prob,
-                                                       cfg.practice_per_problem, r)
-    timings = {}
 
-    def stage(name, key, steps, train_stage):
-        """The model of a finished stage, loaded; otherwise train it (from where it stopped, if it was interrupted)."""
+    def stage(name, key, steps, train_stage, *args):
+        """A finished stage's model, loaded; else train_stage(*args, checkpoint) trains it (resuming if interrupted)."""
         checkpoint = Checkpoint(os.path.join(cfg.out_dir, f"{name}.pt"), key, steps, cfg)
         if checkpoint.finished():
-            model = model_from(checkpoint.blob, device)
             print(f"{name}: finished earlier, loaded {checkpoint.path}")
             timings.update({name: earlier[name]} if name in earlier else {})
-            return model
+            return model_from(checkpoint.blob, device)
         start = time.time()
-        model = train_stage(checkpoint)
+        model = train_stage(*args, checkpoint)
         timings[name] = time.time() - start
         log(stage=name, seconds=timings[name])
         return model
 
-    def train_base(checkpoint):
-        torch.manual_seed(cfg.seed)
-        model = new_model(cfg, device)
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters")
-        X, Y = sft_tensors(task, examples(train, rng("base")), cfg.block_size, not cfg.no_env_loss)
-        evaluate_now = lambda m: greedy_accuracy(m, task, test, cfg)
-        return train_sft(model, X, Y, cfg.base_steps, cfg.lr, cfg, device, torch_gen("base"), "base", log, checkpoint,
-                         evaluate_now)
-
-    def train_warm(checkpoint):
-        r, gen = rng("warm"), torch.Generator(device).manual_seed(cfg.seed)
-        base.eval()
-        with autocast(device):
-            traces = mrt.build_traces(base, task, r.sample(train, min(cfg.warm_problems, len(train))),
-                                      cfg.warm_rollouts, cfg.max_think, gen, r, cfg.restart)
-        text = lambda t: task.prompt(t.problem) + "".join(piece for piece, _ in t.pieces(task))
-        traces = [t for t in traces if len(tasks.encode(text(t))) <= cfg.block_size + 1]  # long misses can overflow
-        backtracks = sum(t.keep is not None for t in traces)
-        print(f"warm-start: {len(traces)} traces, {backtracks} backtrack after a failed first attempt")
-        log(stage="warm", traces=len(traces), backtrack_traces=backtracks)
-        # Replay base examples too (one problem's worth per `solutions_per_problem` traces): keeps the skills and μ.
-        replay = examples(r.sample(train, min(len(train), max(1, len(traces) // cfg.solutions_per_problem))), r)
-        # μ after a miss (--mu-after-miss): answer with the solution the stream's best restart point leads to.
-        mu = [(t.problem, pieces) for t in traces if t.keep is not None and r.random() < cfg.mu_after_miss
-              for pieces in t.answers_after_misses(task)]
-        X, Y = sft_tensors(task, [(t.problem, t.pieces(task)) for t in traces] + replay + mu, cfg.block_size,
-                           not cfg.no_env_loss)
-        return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, torch_gen("warm"),
-                         "warm-start", log, checkpoint)
-
-    base = stage("base", stage_config(cfg, "base"), cfg.base_steps, train_base)
-    warm = stage("warm", stage_config(cfg, "warm"), cfg.warm_steps, train_warm)
-    arms = cfg.arms.split(",")
+    base = stage("base", stage_config(cfg, "base"), cfg.base_steps, train_base, task, train, test, cfg, device, log)
+    warm = stage("warm", stage_config(cfg, "warm"), cfg.warm_steps, train_warm, base, task, train, cfg, device, log)
+    arms, seeds = cfg.arms.split(","), list(range(cfg.seed, cfg.seed + cfg.rl_seeds))
     models = {"base": [base], "warm": [warm], **{arm: [] for arm in arms}}
-    for seed in range(cfg.seed, cfg.seed + cfg.rl_seeds):
+    for seed in seeds:
         for arm in arms:
-            key = {**stage_config(cfg, arm), "rl_seed": seed}
-            train_arm = lambda checkpoint: train_rl(copy.deepcopy(warm), task, train, test, cfg, arm, seed, device,
-                                                    log, checkpoint)
-            models[arm].append(stage(f"rl_{arm}_seed{seed}", key, cfg.rl_steps, train_arm))
+            models[arm].append(stage(f"rl_{arm}_seed{seed}", {**stage_config(cfg, arm), "rl_seed": seed}, cfg.rl_steps,
+                                     train_rl, warm, task, train, test, cfg, arm, seed, device, log))
 
     start = time.time()
     evals = {name: [evaluation.evaluate(m, task, test, cfg, device) for m in tqdm(group, desc=f"evaluate {name}",
@@ -565,8 +257,7 @@ def run(cfg: Config) -> dict:
     results = {"config": asdict(cfg), "machine": evaluation.machine(), "device": str(device),
                "train_problems": len(train), "test_problems": len(test), "stage_seconds": timings,
                "test_set": [task.prompt(p)[len(tasks.BOS):].strip() for p in test],
-               "learning_curve": evaluation.learning_curves(log_path, arms,
-                                                            list(range(cfg.seed, cfg.seed + cfg.rl_seeds))),
+               "learning_curve": evaluation.learning_curves(log_path, arms, seeds),
                **evaluation.report(evals, cfg.seed)}
     evaluation.print_table(results, cfg)  # first: a failed write must not lose the evaluation
     write_atomically(os.path.join(cfg.out_dir, "results.json"),
@@ -600,12 +291,11 @@ def explain(cfg: Config, rollouts: int = 32):
     except ValueError as e:
         raise UserError(f"--problem: {e}") from None
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    meta = mrt.MetaProver(model, task, generator=gen)
     longest = evaluation.thinking_room(cfg, task, [problem])
     prompts, completions = mrt.sample_completions(model, task, [problem], longest, gen)
     thinking, answer = mrt.split_completion(completions[0])
     episodes = mrt.split_episodes(thinking)
-    values = mrt.episode_values(meta, [problem], prompts, [episodes], rollouts)[0]
+    values = mrt.episode_values(mrt.MetaProver(model, task, generator=gen), [problem], prompts, [episodes], rollouts)[0]
     print(f"problem x: {tasks.decode(prompts[0][1:]).strip()}   (model: {path}; J from {rollouts} rollouts of μ)")
     print("(an episode is an attempt; a backtrack line opens the episode of the attempt after it, so μ is never asked "
           "to answer right after a backtrack line, which it never learned to do)")
@@ -633,6 +323,289 @@ def main(argv=None):
     except KeyboardInterrupt:
         fail("interrupted" + ("" if cfg.explain else f": finished stages and the last snapshot are kept in "
                                                         f"{cfg.out_dir}; run the same command to resume"), 130)
+
+
+# ------------------------------------------------------------- configuration, command line and checkpoints (plumbing)
+def opt(default, help, low=None, choices=None):
+    """A Config field: its default, its --help text and the smallest value (`low`) or the values it accepts."""
+    return field(default=default, metadata={"help": help, "low": low, "choices": choices})
+
+
+@dataclass
+class Config:
+    """Every option of the pipeline; each field is a command-line flag (--n-numbers for n_numbers)."""
+    # task
+    task: str = opt("countdown", "which task (see tasks.TASKS)", choices=list(tasks.TASKS))
+    n_numbers: int = opt(3, "numbers per Countdown problem", 2)
+    max_number: int = opt(10, "numbers are drawn from 1..max_number", 1)
+    max_target: int = opt(100, "largest target", 1)
+    n_train: int = opt(100_000, "training problems (capped by how many distinct problems exist)", 1)
+    n_test: int = opt(300, "held-out test problems", 1)
+    # model
+    n_layer: int = opt(4, "transformer blocks", 1)
+    n_head: int = opt(4, "attention heads", 1)
+    n_embd: int = opt(96, "embedding width", 1)
+    block_size: int = opt(128, "longest sequence (prompt + completion) in tokens", 1)
+    # stage 1: base model
+    base_steps: int = opt(800, "pretraining steps on solver solutions", 0)
+    batch_size: int = opt(128, "sequences per SFT step", 1)
+    lr: float = opt(3e-3, "peak learning rate of base pretraining (warmup + cosine)")
+    solutions_per_problem: int = opt(4, "solver solutions written out per training problem", 1)
+    cut_prob: float = opt(0.25, "share of base examples whose thinking is cut short before <|answer|> (teaches μ)", 0)
+    practice_per_problem: int = opt(0, "random lines of play per problem, loss on the results only (arithmetic)", 0)
+    model_only: bool = opt(False, "no environment: the model writes each step's result and gets no verdict")
+    no_env_loss: bool = opt(False, "no SFT loss on the tokens the environment writes (they teach arithmetic)")
+    eval_every: int = opt(200, "steps between held-out evaluations while pretraining (0: never)", 0)
+    # stage 2: backtracking warm-start
+    warm_problems: int = opt(100_000, "training problems whose first attempts make warm-start traces (at most all)", 0)
+    warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step", 1)
+    warm_steps: int = opt(300, "warm-start SFT steps", 0)
+    warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
+    restart: str = opt("best", "where a trace backtracks after a failed z_0: best (the step whose Monte Carlo restarts "
+                               "succeed most, the paper's recipe) or scratch (step 0)", choices=["best", "scratch"])
+    # stage 3: RL
+    arms: str = opt("outcome,mrt", "RL arms, comma-separated: outcome (0/1 reward), mrt (+ each episode's progress "
+                                   "bonus, J from μ), mrt_verdict (J read off the verdicts: no μ) and mrt_prefix (the "
+                                   "paper's RL form: answer now vs keep thinking from prefixes)")
+    rl_steps: int = opt(200, "REINFORCE steps per arm", 0)
+    rl_prompts: int = opt(16, "problems per RL step", 1)
+    rl_group: int = opt(8, "samples per problem (the group of the baseline)", 1)
+    rl_lr: float = opt(1e-4, "RL learning rate (constant)")
+    alpha: float = opt(1.0, "weight α of the progress bonus in the MRT reward", 0)
+    mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})", 1)
+    max_think: int = opt(64, "completion tokens the policy may write during RL", 1)
+    rl_seeds: int = opt(1, "RL seeds (each runs every arm from the same warm start)", 1)
+    curve_every: int = opt(40, "RL steps between held-out accuracy checks, the learning curve (0: none)", 0)
+    curve_streams: int = opt(4, "sampled streams per test problem at each learning-curve check", 1)
+    # evaluation
+    eval_streams: int = opt(16, "sampled streams per test problem (accuracy, pass@k, majority vote, tokens)", 1)
+    value_streams: int = opt(2, "of those, streams per problem that μ scores (J, regret, budget-forced accuracy)", 1)
+    eval_rollouts: int = opt(2, "meta-prover rollouts per prefix at evaluation", 1)
+    max_episodes: int = opt(5, "episodes K of the J and regret curves", 1)
+    budget_step: int = opt(8, "spacing of the token-budget grid of budget-forced accuracy", 1)
+    # run
+    seed: int = opt(0, "seed of data, initialisation and sampling")
+    device: str = opt("auto", "where to run (auto: cuda, else mps, else cpu)", choices=["auto", "cpu", "cuda", "mps"])
+    out_dir: str = opt("out", "where checkpoints, logs and results go")
+    preset: str = opt("cpu", "cpu (default sizes), gpu (4 numbers, larger model) or smoke (tiny, seconds)",
+                      choices=["cpu", "gpu", "smoke"])
+    smoke: bool = opt(False, "same as --preset smoke")
+    fresh: bool = opt(False, "ignore existing checkpoints in --out-dir and run every stage again")
+    snapshot_every: int = opt(50, "steps between a stage's checkpoints, from which an interrupted stage resumes", 1)
+    explain: str = opt("", "only print one output stream episode by episode, with J and progress, from this stage's "
+                           "checkpoint in --out-dir (base, warm, rl_outcome_seed0, rl_mrt_seed0, ...)")
+    problem: str = opt("", "the problem for --explain, e.g. '3 7 9:20' (default: a random test problem)")
+
+
+PRESETS = {
+    "cpu": {},
+    "gpu": dict(n_numbers=4, n_layer=6, n_head=6, n_embd=384, block_size=192, base_steps=4000, batch_size=256,
+                warm_problems=4096, rl_steps=200, rl_prompts=32, max_think=128, n_test=1000, lr=1e-3),
+    "smoke": dict(n_train=1000, n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
+                  warm_problems=32, warm_rollouts=2, warm_steps=10, rl_steps=2, rl_prompts=4, rl_group=4,
+                  mc_rollouts=2, rl_seeds=1, arms="outcome,mrt,mrt_prefix", eval_streams=4, value_streams=2,
+                  eval_rollouts=1, max_episodes=3, budget_step=16, snapshot_every=5, out_dir="out/smoke"),
+}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a Config field: n_numbers -> --n-numbers."""
+    return "--" + name.replace("_", "-")
+
+
+def parse_args(argv=None) -> Config:
+    """Config from the command line: defaults, then the preset, then the flags given explicitly."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: fail(f"error: {message} (see --help)")  # one line, not argparse's usage block
+    types = get_type_hints(Config)  # f.type is only the type's name, under `from __future__ import annotations`
+    for f in fields(Config):
+        if types[f.name] is bool:
+            parser.add_argument(flag(f.name), action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag(f.name), type=types[f.name], default=None, metavar=types[f.name].__name__.upper(),
+                                choices=f.metadata["choices"],
+                                help=f.metadata["help"] + (f" (default: {f.default})" if f.default != "" else ""))
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and v is not False}
+    preset = "smoke" if args.get("smoke") else args.get("preset", "cpu")
+    return Config(**{**PRESETS[preset], **args, "preset": preset})
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line naming the option or file, without a traceback."""
+
+
+def check_config(cfg: Config):
+    """Raise UserError naming the first option that is out of range."""
+    for f in fields(cfg):
+        low, value = f.metadata["low"], getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag(f.name)} must be a finite number, got {value}")
+        if low is not None and value < low:
+            raise UserError(f"{flag(f.name)} must be >= {low}, got {value}")
+    arms = cfg.arms.split(",")
+    rules = [  # (broken, what to say)
+        (cfg.practice_per_problem and not cfg.model_only, "--practice-per-problem teaches the results, which the "
+                                                          "environment writes: use it with --model-only"),
+        *[(getattr(cfg, n) <= 0, f"{flag(n)} must be > 0, got {getattr(cfg, n)}") for n in ("lr", "warm_lr", "rl_lr")],
+        (cfg.cut_prob > 1, f"--cut-prob must be in [0, 1], got {cfg.cut_prob}"),
+        (cfg.value_streams > cfg.eval_streams, f"--value-streams ({cfg.value_streams}) must not exceed --eval-streams "
+                                               f"({cfg.eval_streams})"),
+        (cfg.n_embd % cfg.n_head, f"--n-embd ({cfg.n_embd}) must be a multiple of --n-head ({cfg.n_head})"),
+        (not set(arms) <= set(mrt.ARMS), f"--arms must name some of {', '.join(mrt.ARMS)}, got {cfg.arms!r}"),
+        (len(set(arms)) < len(arms), f"--arms names an arm twice: {cfg.arms!r}"),
+        (cfg.problem and not cfg.explain, "--problem is the problem for --explain: pass --explain too (base, warm, "
+                                          "rl_outcome_seed0, ...)"),
+        ("mrt_prefix" in cfg.arms and cfg.rl_group < 2, "--arms mrt_prefix needs --rl-group >= 2 (answer now and "
+                                                        "keep thinking)"),
+    ]
+    for broken, message in rules:
+        if broken:
+            raise UserError(message)
+    task = make_task(cfg)
+    room = cfg.block_size - task.prompt_tokens() - task.answer_tokens() - 1  # prompt, stream, <|answer|>, answer
+    if cfg.max_think > room:
+        lower = f"lower --max-think to {room} or " if room >= 1 else ""
+        raise UserError(f"--max-think ({cfg.max_think}) must leave room in --block-size ({cfg.block_size}) for the "
+                        f"prompt and the meta-prover's answer: {lower}raise --block-size to "
+                        f"{cfg.block_size - room + cfg.max_think}")
+
+
+def pick_device(name: str) -> torch.device:
+    """--device auto picks cuda, then mps, then cpu; a named device must exist here."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d, ok in available.items() if ok) if name == "auto" else name
+    if not available[name]:
+        raise UserError(f"--device {name}: no {name} device is available on this machine (try --device cpu)")
+    return torch.device(name)
+
+
+def write_error(path: str, error: Exception) -> UserError:
+    """A failed write (a full disk, a read-only mount) as one line naming the file and its --out-dir."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else "is the disk full?"
+    return UserError(f"{path}: the write failed ({reason}); make room in --out-dir {os.path.dirname(path) or '.'} or "
+                     f"choose another")
+
+
+def write_atomically(path: str, write):
+    """write(<path>.tmp), then rename it to `path`: a crash mid-write leaves the previous file intact, never a
+    truncated one, and a failed write leaves no .tmp behind. torch.save reports a full disk as a RuntimeError."""
+    try:
+        write(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        if isinstance(e, (OSError, RuntimeError)):
+            raise write_error(path, e) from None
+        raise
+
+
+def open_log(path: str):
+    """log(**row) appends a row to log.jsonl: training curves, stage timings, where each run starts. Creating it
+    (and --out-dir) checks that --out-dir is writable, before any work is done."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        file = open(path, "a")
+    except OSError as e:
+        raise UserError(f"--out-dir {os.path.dirname(path)}: cannot write there ({e.strerror})") from None
+
+    def log(**row):
+        try:
+            print(json.dumps(row), file=file, flush=True)
+        except OSError as e:
+            raise write_error(path, e) from None
+    return log
+
+
+def make_task(cfg: Config):
+    """The task object the options describe."""
+    return tasks.TASKS[cfg.task](cfg.n_numbers, cfg.max_number, cfg.max_target, calculator=not cfg.model_only)
+
+
+def new_model(cfg: Config, device) -> GPT:
+    """A freshly initialised GPT of the configured size."""
+    return GPT(GPTConfig(cfg.block_size, tasks.VOCAB_SIZE, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device)
+
+
+STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
+    "base": ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
+             "block_size", "seed", "base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob",
+             "practice_per_problem", "model_only", "no_env_loss"],
+    "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "max_think", "restart"],
+    "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
+    "mrt": ["alpha", "mc_rollouts"],
+    "mrt_verdict": ["alpha"],
+    "mrt_prefix": ["alpha"],
+}
+DEFAULTS = {f.name: f.default for f in fields(Config)}
+
+
+def stage_config(cfg: Config, stage: str) -> dict:
+    """The options a stage's result depends on: the warm-start builds on the base model, an RL arm on both and on
+    the options every arm shares (listed under "outcome"), then on its own."""
+    chain = {"base": ["base"], "warm": ["base", "warm"]}.get(stage, ["base", "warm", "outcome", stage])
+    return {n: getattr(cfg, n) for s in dict.fromkeys(chain) for n in STAGE_FIELDS[s]}
+
+
+def load_checkpoint(path: str, device) -> dict:
+    """A checkpoint dict; a truncated or foreign file is a UserError naming it."""
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+        assert isinstance(blob, dict) and {"model", "model_args", "stage_config", "step"} <= blob.keys()
+    except Exception as e:
+        raise UserError(f"{path}: not a readable mrt checkpoint ({type(e).__name__}); "
+                        f"delete it or pass --fresh") from None
+    return blob
+
+
+def model_from(blob: dict, device) -> GPT:
+    """The GPT stored in a checkpoint dict."""
+    model = GPT(GPTConfig(**blob["model_args"])).to(device)
+    model.load_state_dict(blob["model"])
+    return model
+
+
+class Checkpoint:
+    """A stage's file <out-dir>/<stage>.pt, a plain dict as in nanoGPT: model, optimizer, random-number states, step,
+    and the options the stage depends on. Written every --snapshot-every steps and at the end: an interrupted stage
+    resumes where it stopped and then draws exactly what an uninterrupted run would have; a finished one is loaded."""
+
+    def __init__(self, path: str, stage_cfg: dict, steps: int, cfg: Config):
+        self.path, self.stage_cfg, self.steps, self.every = path, stage_cfg, steps, cfg.snapshot_every
+        self.blob = None if cfg.fresh or not os.path.exists(path) else load_checkpoint(path, "cpu")
+        saved = {**DEFAULTS, **self.blob["stage_config"]} if self.blob else {}  # an older file lacks newer options
+        diff = sorted(k for k in stage_cfg if self.blob and saved.get(k) != stage_cfg[k])
+        if diff:
+            raise UserError(f"{path} was made with different options ({', '.join(diff)}); "
+                            f"pass --fresh to overwrite it or choose another --out-dir")
+
+    def finished(self) -> bool:
+        """Whether the file holds the stage's last step."""
+        return self.blob is not None and self.blob["step"] == self.steps
+
+    def resume(self, model, optimizer, rngs) -> int:
+        """Load the saved state into model, optimizer and generators; returns the step to continue from."""
+        if self.blob is None:
+            return 0
+        model.load_state_dict(self.blob["model"])
+        optimizer.load_state_dict(self.blob["optimizer"])
+        for rng, state in zip(rngs, self.blob["rngs"]):
+            rng.set_state(state) if isinstance(rng, torch.Generator) else rng.setstate(state)
+        print(f"{self.path}: resuming at step {self.blob['step']}")
+        return self.blob["step"]
+
+    def step_done(self, step: int, model, optimizer, rngs):
+        """After `step` steps: every `every` steps, a point to resume from (the last step is saved by `save`)."""
+        if step % self.every == 0 and step < self.steps:
+            self.save(step, model, optimizer, rngs)
+
+    def save(self, step: int, model, optimizer, rngs):
+        """Write the checkpoint atomically (see `write_atomically`)."""
+        blob = {"model": model.state_dict(), "model_args": asdict(model.config), "stage_config": self.stage_cfg,
+                "step": step, "optimizer": optimizer.state_dict(),
+                "rngs": [r.get_state() if isinstance(r, torch.Generator) else r.getstate() for r in rngs],
+                "tokenizer": {"alphabet": tasks.ALPHABET, "specials": tasks.SPECIALS}}
+        write_atomically(self.path, lambda tmp: torch.save(blob, tmp))
 
 
 if __name__ == "__main__":
