@@ -213,8 +213,7 @@ def heldout_accuracy(model, task, problems, cfg, device) -> float:
 def run(cfg: Config) -> dict:
     """The whole pipeline: each stage skipped if finished, resumed if interrupted; writes results.json."""
     check_config(cfg)
-    device = pick_device(cfg.device)
-    task = make_task(cfg)
+    device, task = pick_device(cfg.device), make_task(cfg)
     try:
         train, test = tasks.make_split(task, cfg.n_train, cfg.n_test, cfg.seed)
     except ValueError as e:
@@ -272,7 +271,7 @@ def run(cfg: Config) -> dict:
 def explain(cfg: Config, rollouts: int = 32):
     """Solve one problem with a trained model and show what "progress" means, episode by episode."""
     check_config(cfg)
-    device = pick_device(cfg.device)
+    device, task = pick_device(cfg.device), make_task(cfg)
     path = os.path.join(cfg.out_dir, f"{cfg.explain}.pt")
     if not os.path.exists(path):
         raise UserError(f"--explain {cfg.explain}: no checkpoint {path} (run train.py with this --out-dir first)")
@@ -284,7 +283,6 @@ def explain(cfg: Config, rollouts: int = 32):
         raise UserError(f"--explain {cfg.explain}: {path} was made with {options(made)}, not "
                         f"{options({k: getattr(cfg, k) for k in made})}: pass the options it was made with")
     model = model_from(blob, device).eval()
-    task = make_task(cfg)
     try:
         problem = task.parse_problem(cfg.problem) if cfg.problem else \
             random.Random(cfg.seed).choice(tasks.make_split(task, cfg.n_train, cfg.n_test, cfg.seed)[1])
