@@ -1,10 +1,8 @@
-"""Evaluation and reporting: many sampled streams per test problem, paired bootstrap intervals, pass@k, the table and
-the figure.
+"""Evaluation and reporting: many sampled streams per test problem, paired bootstrap intervals, the table, the figure.
 
 Every reported number is a mean over test problems (and RL seeds) of a per-problem quantity, such as the share of a
 problem's m streams that are right. `results.json` keeps those per-problem values for every model and seed, so any
-comparison can be recomputed without sampling again (`measures` and `bootstrap` below do it from the saved lists).
-"""
+comparison can be recomputed without sampling again (`measures` and `bootstrap` below do it from the saved lists)."""
 import json
 import math
 import os
@@ -178,9 +176,7 @@ def report(evals: dict, seed: int) -> dict:
     """What results.json says about the models, from their evaluations ({model: [one per seed]}), which it keeps:
     each model's measures with their intervals, the paired differences a − b of the RL arms with each other, with
     the base model and with the warm start (seed s of one arm against seed s of another: the same data order), the
-    pooled backtrack rates,
-    and the thinking tokens each model needs to reach the base model's accuracy (a target fixed by no RL arm, on the
-    same streams as the curves)."""
+    pooled backtrack rates, what the progress bonus carries, and the thinking tokens to reach a target accuracy."""
     per_model = {name: measures(e) for name, e in evals.items()}
     summary = {name: {k: bootstrap(x, seed) for k, x in ms.items()} for name, ms in per_model.items()}
     arms = [name for name in evals if name not in ("base", "warm")]
@@ -191,19 +187,18 @@ def report(evals: dict, seed: int) -> dict:
     for a, b in pairs:  # with few seeds the interval understates the seed-to-seed spread: show each seed's gap
         gaps = (per_model[a]["accuracy"] - per_model[b]["accuracy"]).mean(1)
         paired[f"{a} - {b}"]["accuracy_per_seed"] = gaps.tolist()
-    # The target comes from the base model's own curve, on the same streams: its accuracy with the whole budget.
-    budgets, target = evals["base"][0]["budgets"], summary["base"]["budget_accuracy"]["mean"][-1]
-    reach = {name: tokens_to_reach(budgets, s["budget_accuracy"]["mean"], target) for name, s in summary.items()}
-    # The paper's token efficiency: the budget at which each model reaches outcome RL's accuracy with the whole budget.
-    target_rl = summary["outcome"]["budget_accuracy"]["mean"][-1] if "outcome" in summary else None
-    reach_rl = {name: tokens_to_reach(budgets, s["budget_accuracy"]["mean"], target_rl) for name, s in summary.items()
-                if target_rl is not None}
+    # Thinking tokens to reach a target accuracy on the budget-forced curve: the base model's accuracy with the whole
+    # budget (a target fixed by no RL arm), and outcome RL's (the paper's token efficiency).
+    budgets = evals["base"][0]["budgets"]
+    reach = lambda target: {"target": target, **{name: tokens_to_reach(budgets, s["budget_accuracy"]["mean"], target)
+                                                 for name, s in summary.items()}}
     return {"budgets": budgets, "summary": summary, "paired": paired,
             "backtrack_rates": {name: {k: pooled_rate(e, k) for k in RATES} for name, e in evals.items()},
             "after_backtrack": {name: after_backtrack(e, evals["base"][0]) for name, e in evals.items()},
             "progress_bonus": {name: bonus_measures(e) for name, e in evals.items()},
-            "tokens_to_reach_base_accuracy": {"target": target, **reach},
-            "tokens_to_reach_outcome_accuracy": {"target": target_rl, **reach_rl}, "per_problem": evals}
+            "tokens_to_reach_base_accuracy": reach(summary["base"]["budget_accuracy"]["mean"][-1]),
+            "tokens_to_reach_outcome_accuracy": reach(summary["outcome"]["budget_accuracy"]["mean"][-1])
+            if "outcome" in summary else {"target": None}, "per_problem": evals}
 
 
 def after_backtrack(evals: list[dict], base: dict) -> dict:
@@ -236,12 +231,10 @@ def learning_curves(log_path: str, arms: list, seeds: list) -> dict:
             if r["step"] == 0:  # a stage trained afresh: forget the checks of an earlier run of it
                 found = {k: v for k, v in found.items() if k[:2] != (r["arm"], r["seed"])}
             found[r["arm"], r["seed"], r["step"]] = r["accuracy"]
-    curves = {}
-    for arm in arms:
-        steps = sorted({s for a, _, s in found if a == arm and all((arm, seed, s) in found for seed in seeds)})
-        curves[arm] = {"steps": steps, "accuracy": [float(np.mean([found[arm, seed, s] for seed in seeds]))
-                                                    for s in steps]}
-    return curves
+    steps = {arm: sorted({s for a, _, s in found if a == arm and all((a, seed, s) in found for seed in seeds)})
+             for arm in arms}
+    return {arm: {"steps": steps[arm], "accuracy": [float(np.mean([found[arm, seed, s] for seed in seeds]))
+                                                    for s in steps[arm]]} for arm in arms}
 
 
 def stage_seconds(log_path: str) -> dict:
@@ -306,11 +299,10 @@ def print_table(results: dict, cfg):
         print(f"  {name:<11}{a['accuracy']:.3f} of {a['streams']:>5} streams  ({a['base_accuracy_same_problems']:.3f})")
     print("μ's progress bonus r_prg per episode (value streams): correlation with 1[the episode reached the target]; "
           "mean bonus (count) by kind of episode:")
+    show = lambda x, form: "n/a" if x is None else format(x, form)
     for name, b in results["progress_bonus"].items():
-        corr = "n/a" if b["corr_with_reached"] is None else f"{b['corr_with_reached']:.2f}"
-        print(f"  {name:<11}corr {corr:>5}  " + "  ".join(
-            f"{k} {'n/a' if v['mean'] is None else format(v['mean'], '+.3f')} ({v['n']})"
-            for k, v in b.items() if k != "corr_with_reached"))
+        print(f"  {name:<11}corr {show(b['corr_with_reached'], '.2f'):>5}  " + "  ".join(
+            f"{k} {show(v['mean'], '+.3f')} ({v['n']})" for k, v in b.items() if k != "corr_with_reached"))
     for arm, curve in results.get("learning_curve", {}).items():
         print(f"held-out accuracy during RL, {arm:<11}" + "  ".join(f"step {s}: {a:.3f}" for s, a in
                                                                  zip(curve["steps"], curve["accuracy"])))

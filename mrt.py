@@ -5,6 +5,7 @@ Notation (the paper's):  x a problem,  z = [z_0, z_1, ..., z_{k-1}] the thinking
 episodes 0..j,  J(π*) a comparator's success rate,  r(x, z) the 0/1 outcome reward,
 α the weight of the progress bonus.
 """
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -112,8 +113,7 @@ def episode_values(meta_prover, problems, prompts, episode_lists, n_rollouts, ma
 def verdict_values(episodes: list[list[int]]) -> list[float]:
     """The ablation of μ: [0, 1[z_0 reached], 1[z_{0:1} reached], ...], J read off the environment's verdicts
     (1 from the first episode that ends in <|reached|> on) instead of estimated by μ's rollouts."""
-    reached = [float(any(tasks.REACHED_ID in e for e in episodes[:j + 1])) for j in range(len(episodes))]
-    return [0.0] + reached
+    return [0.0] + [float(any(tasks.REACHED_ID in e for e in episodes[:j + 1])) for j in range(len(episodes))]
 
 
 # ----------------------------------------------------------------------------- progress and regret
@@ -131,11 +131,7 @@ def cumulative_regret(values: list[float], j_star: float = 1.0) -> list[float]:
     `values` as in `progress_bonus`; values[0] = J(μ | x) has no episode and so is not part of the sum.
     Default J(π*) = 1: every problem here is solvable, so an oracle comparator always succeeds.
     """
-    regret, total = [], 0.0
-    for v in values[1:]:
-        total += j_star - v
-        regret.append(total)
-    return regret
+    return list(itertools.accumulate(j_star - v for v in values[1:]))
 
 
 # ----------------------------------------------------------------------------- rewards and the REINFORCE loss
@@ -311,26 +307,23 @@ def rollouts(model, task, problems, cfg, arm: str, gen, meta_gen) -> Batch:
     `cfg` gives rl_group, max_think (the room of a whole completion), alpha and mc_rollouts. The policy samples
     with `gen` and μ with `meta_gen`: μ's draws never shift the policy's, so every stream arm (all but
     mrt_prefix) samples the same streams."""
-    return (prefix_rollouts if arm == "mrt_prefix" else stream_rollouts)(model, task, problems, cfg, arm, gen,
-                                                                          meta_gen)
+    arm_rollouts = prefix_rollouts if arm == "mrt_prefix" else stream_rollouts
+    return arm_rollouts(model, task, problems, cfg, arm, gen, meta_gen)
 
 
 def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
     """rl_group whole streams per problem, every token credited with the outcome advantage; the MRT arms add to
     each token α times its own episode's progress bonus."""
     prompts, completions = sample_completions(model, task, problems, cfg.max_think, gen)
-    rewards = torch.tensor([tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)],
-                           dtype=torch.float)
+    rewards = torch.tensor([float(tasks.verify(task, p, tasks.decode(c))) for p, c in zip(problems, completions)])
     advantages = group_advantages(rewards.view(-1, cfg.rl_group)).flatten()
     thinking = [split_completion(c)[0] for c in completions]
     episodes = [split_episodes(t) for t in thinking]
     if ARMS[arm] == "mu":
         values = episode_values(MetaProver(model, task, generator=meta_gen), problems, prompts, episodes,
                                 cfg.mc_rollouts)
-    elif ARMS[arm] == "verdict":
-        values = [verdict_values(e) for e in episodes]
-    else:
-        values = [[0.0] * (len(e) + 1) for e in episodes]
+    else:  # J read off the verdicts, or none at all (outcome RL: every bonus is 0)
+        values = [verdict_values(e) if ARMS[arm] == "verdict" else [0.0] * (len(e) + 1) for e in episodes]
     bonuses = [progress_bonus(v) for v in values]
     credit = [token_advantages(a, [len(e) for e in eps], b, cfg.alpha, len(c))
               for a, eps, b, c in zip(advantages, episodes, bonuses, completions)]
@@ -368,8 +361,7 @@ def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
     rewards = torch.cat([torch.tensor(answer_rewards, dtype=torch.float).view(-1, n_answer),
                          torch.tensor(thought_rewards, dtype=torch.float).view(-1, n_think)], 1)  # (P, G)
     advantages = prefix_advantages(rewards, n_answer, cfg.alpha)
-    rows = [(answer_now[i // n_answer], y, advantages[i // n_answer, i % n_answer])
-            for i, y in enumerate(answers)]
+    rows = [(answer_now[i // n_answer], y, advantages[i // n_answer, i % n_answer]) for i, y in enumerate(answers)]
     rows += [(c, y, advantages[i // n_think, n_answer + i % n_think]) for i, (c, y) in enumerate(thought_rows)]
     credit = [torch.full((len(y),), float(a)) for _, y, a in rows]
     return Batch([c for c, _, _ in rows], [y for _, y, _ in rows], credit,
