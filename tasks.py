@@ -168,7 +168,7 @@ class NumberTask:
         """A solvable problem: draw numbers, play random legal steps, and take the result as the target."""
         while True:
             numbers = self.arrange(rng.randint(1, self.max_number) for _ in range(self.n_numbers))
-            target = int(self.random_play(numbers, rng)[-1].rpartition("=")[2])
+            target = parse_step(self.random_play(numbers, rng)[-1])[3]
             if target <= self.max_target:
                 return numbers, target
 

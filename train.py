@@ -112,11 +112,12 @@ def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, checkpoint, 
     return model
 
 
-def greedy_accuracy(model, task, problems, cfg) -> float:
-    """Share of problems whose greedy completion the verifier accepts."""
+def accuracy(model, task, problems, max_new_tokens, generator=None, temperature=1.0, samples=1) -> float:
+    """Share of `samples` completions per problem that the verifier accepts."""
     model.eval()
-    _, completions = mrt.sample_completions(model, task, problems, cfg.block_size, temperature=0)
-    return sum(tasks.verify(task, p, tasks.decode(c)) for p, c in zip(problems, completions)) / len(problems)
+    _, completions = mrt.sample_completions(model, task, problems, max_new_tokens, generator, temperature, samples)
+    return sum(tasks.verify(task, problems[i // samples], tasks.decode(c)) for i, c in enumerate(completions)) / \
+        len(completions)
 
 
 def stage_rngs(cfg: Config, stage: str) -> tuple[random.Random, torch.Generator]:
@@ -134,7 +135,7 @@ def train_base(task, train, test, cfg: Config, device, log, checkpoint) -> GPT:
     examples = tasks.base_examples(task, train, cfg.solutions_per_problem, cfg.cut_prob, cfg.practice_per_problem, rng)
     X, Y = sft_tensors(task, examples, cfg.block_size, not cfg.no_env_loss)
     return train_sft(model, X, Y, cfg.base_steps, cfg.lr, cfg, device, batches, "base", log, checkpoint,
-                     lambda m: greedy_accuracy(m, task, test, cfg))
+                     lambda m: accuracy(m, task, test, cfg.block_size, temperature=0))  # greedy
 
 
 def train_warm(base, task, train, cfg: Config, device, log, checkpoint) -> GPT:
@@ -200,13 +201,9 @@ def train_rl(warm, task, train, test, cfg, arm, seed, device, log, checkpoint):
 def heldout_accuracy(model, task, problems, cfg, device) -> float:
     """Share of right streams among --curve-streams sampled streams per test problem, at the evaluation's room.
     Every check draws the same random numbers (a generator of its own): the curve moves with the model only."""
-    model.eval()
-    gen = torch.Generator(device).manual_seed(cfg.seed + 777)
     with autocast(device):
-        _, completions = mrt.sample_completions(model, task, problems, evaluation.thinking_room(cfg, task, problems),
-                                                gen, samples=cfg.curve_streams)
-    rewards = [tasks.verify(task, problems[i // cfg.curve_streams], tasks.decode(c)) for i, c in enumerate(completions)]
-    return sum(rewards) / len(rewards)
+        return accuracy(model, task, problems, evaluation.thinking_room(cfg, task, problems),
+                        torch.Generator(device).manual_seed(cfg.seed + 777), samples=cfg.curve_streams)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -525,6 +522,7 @@ def new_model(cfg: Config, device) -> GPT:
     return GPT(GPTConfig(cfg.block_size, tasks.VOCAB_SIZE, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device)
 
 
+DEFAULTS = {f.name: f.default for f in fields(Config)}
 STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "base": ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
              "block_size", "seed", "base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob",
@@ -535,7 +533,6 @@ STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "mrt_verdict": ["alpha"],
     "mrt_prefix": ["alpha"],
 }
-DEFAULTS = {f.name: f.default for f in fields(Config)}
 
 
 def stage_config(cfg: Config, stage: str) -> dict:
@@ -571,8 +568,8 @@ class Checkpoint:
     def __init__(self, path: str, stage_cfg: dict, steps: int, cfg: Config):
         self.path, self.stage_cfg, self.steps, self.every = path, stage_cfg, steps, cfg.snapshot_every
         self.blob = None if cfg.fresh or not os.path.exists(path) else load_checkpoint(path, "cpu")
-        saved = {**DEFAULTS, **self.blob["stage_config"]} if self.blob else {}  # an older file lacks newer options
-        diff = sorted(k for k in stage_cfg if self.blob and saved.get(k) != stage_cfg[k])
+        saved = {**DEFAULTS, **self.blob["stage_config"]} if self.blob else stage_cfg  # older files: newer options
+        diff = sorted(k for k in stage_cfg if saved.get(k) != stage_cfg[k])              # at their defaults
         if diff:
             raise UserError(f"{path} was made with different options ({', '.join(diff)}); "
                             f"pass --fresh to overwrite it or choose another --out-dir")
