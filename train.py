@@ -5,7 +5,7 @@
     python train.py --preset gpu
 
 Every stage saves a checkpoint in --out-dir; re-running the same command skips finished stages.
-The defaults (Config, after the pipeline) are the cpu preset's; --preset gpu / smoke change some, explicit flags win.
+The defaults are the cpu preset's; --preset gpu / smoke change some of them, and explicit flags win.
 """
 from __future__ import annotations
 
@@ -368,7 +368,7 @@ class Config:
     rl_lr: float = opt(1e-4, "RL learning rate (constant)")
     alpha: float = opt(1.0, "weight α of the progress bonus in the MRT reward", 0)
     mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})", 1)
-    max_think: int = opt(64, "completion tokens the policy may write during RL", 1)
+    max_think: int = opt(64, "room of a whole completion (thinking and answer) in RL and warm-start sampling", 1)
     rl_seeds: int = opt(1, "RL seeds (each runs every arm from the same warm start)", 1)
     curve_every: int = opt(40, "RL steps between held-out accuracy checks, the learning curve (0: none)", 0)
     curve_streams: int = opt(4, "sampled streams per test problem at each learning-curve check", 1)
