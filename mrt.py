@@ -32,6 +32,17 @@ def split_episodes(thinking: list[int]) -> list[list[int]]:
     return [e for e in episodes if e]
 
 
+def split_lines(episode: list[int]) -> list[list[int]]:
+    """Cut an episode after each complete line (its newline, or the verdict that follows one): finer episodes, whose
+    J(μ) can move inside an attempt (the `mrt_lines` arm)."""
+    ends, lines = (tasks.NEWLINE_ID, *tasks.VERDICT_IDS), [[]]
+    for tok, nxt in zip(episode, episode[1:] + [None]):
+        lines[-1].append(tok)
+        if tok in ends and nxt not in tasks.VERDICT_IDS:
+            lines.append([])
+    return [line for line in lines if line]
+
+
 def split_completion(completion: list[int]):
     """(thinking, answer) token lists: the answer starts at <|answer|>; trailing pads are dropped."""
     completion = [t for t in completion if t != tasks.PAD_ID]
@@ -287,6 +298,7 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
 ARMS = {  # arm -> where the per-episode J of its progress bonus comes from (None: no bonus)
     "outcome": None,  # the 0/1 outcome reward only
     "mrt": "mu",  # + α · progress, J(μ | x, z_{0:j}) from μ's Monte Carlo rollouts (the paper's definition)
+    "mrt_lines": "mu",  # as mrt, with an episode per line (`split_lines`)
     "mrt_verdict": "verdict",  # + α · progress, J from the environment's verdicts alone (`verdict_values`)
     "mrt_prefix": "prefix",  # the paper's RL form: answer now vs keep thinking from prefixes (`prefix_rollouts`)
 }
@@ -319,6 +331,8 @@ def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
     advantages = group_advantages(rewards.view(-1, cfg.rl_group)).flatten()
     thinking = [split_completion(c)[0] for c in completions]
     episodes = [split_episodes(t) for t in thinking]
+    if arm == "mrt_lines":
+        episodes = [[line for e in eps for line in split_lines(e)] for eps in episodes]
     if ARMS[arm] == "mu":
         values = episode_values(MetaProver(model, task, generator=meta_gen), problems, prompts, episodes,
                                 cfg.mc_rollouts)

@@ -530,6 +530,7 @@ STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "max_think", "restart"],
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
     "mrt": ["alpha", "mc_rollouts"],
+    "mrt_lines": ["alpha", "mc_rollouts"],
     "mrt_verdict": ["alpha"],
     "mrt_prefix": ["alpha"],
 }
