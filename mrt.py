@@ -34,11 +34,13 @@ def split_episodes(thinking: list[int]) -> list[list[int]]:
 
 def split_lines(episode: list[int]) -> list[list[int]]:
     """Cut an episode after each complete line (its newline, or the verdict that follows one): finer episodes, whose
-    J(μ) can move inside an attempt (the `mrt_lines` arm)."""
+    J(μ) can move inside an attempt (the `mrt_lines` arm). A backtrack line stays with the line after it, so that
+    where to backtrack is credited with what the step after it achieves."""
     ends, lines = (tasks.NEWLINE_ID, *tasks.VERDICT_IDS), [[]]
     for tok, nxt in zip(episode, episode[1:] + [None]):
         lines[-1].append(tok)
-        if tok in ends and nxt not in tasks.VERDICT_IDS:
+        backtrack_line = lines[-1][0] == tasks.BACKTRACK_ID and lines[-1].count(tasks.NEWLINE_ID) == 1
+        if tok in ends and nxt not in tasks.VERDICT_IDS and not backtrack_line:
             lines.append([])
     return [line for line in lines if line]
 
