@@ -108,7 +108,7 @@ def bench_environment(cfg, device, out_dir, problems=128) -> dict:
         task = dataclasses.replace(train.make_task(cfg), calculator=calculator)
         batch = tasks.make_split(task, problems, 1, cfg.seed)[0]
         gen = lambda: torch.Generator(device).manual_seed(0)
-        sample = lambda: mrt.sample_completions(model, task, batch, cfg.max_think, gen())
+        sample = lambda: mrt.sample_completions(model, task, batch, cfg.train_room, gen())
         with autocast(device):
             seconds[calculator] = timed(sample, 3, device)
             if calculator:
@@ -118,9 +118,9 @@ def bench_environment(cfg, device, out_dir, problems=128) -> dict:
 
 
 def environment_share(sample, device) -> float:
-    """Share of a sampling call's wall time spent in the environment's host-side Python (`model.environment_step`:
+    """Share of a sampling call's wall time spent in the environment's host-side Python (`EnvironmentHook.listen`:
     decode rows, compute results and verdicts, queue replies), the GPU's queue drained before each step."""
-    spent, real = [], model.environment_step
+    spent, real = [], model.EnvironmentHook.listen
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def timed_step(*args):
@@ -129,13 +129,13 @@ def environment_share(sample, device) -> float:
         out = real(*args)
         spent.append(time.perf_counter() - start)
         return out
-    model.environment_step, start = timed_step, time.perf_counter()
+    model.EnvironmentHook.listen, start = timed_step, time.perf_counter()
     try:
         sample()
         sync()
         return sum(spent) / (time.perf_counter() - start)
     finally:
-        model.environment_step = real
+        model.EnvironmentHook.listen = real
 
 
 def load_warm(cfg, device, out_dir):

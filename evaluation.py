@@ -23,11 +23,6 @@ COMPARED = ["accuracy", "first_attempt_accuracy", "thinking_tokens", "regret", "
 
 
 # ----------------------------------------------------------------------------- scoring one model
-def thinking_room(cfg, task, problems) -> int:
-    """The longest stream that still leaves μ room to answer after it (and after <|answer|>)."""
-    return cfg.block_size - max(len(tasks.encode(task.prompt(p))) for p in problems) - task.answer_tokens() - 1
-
-
 def evaluate(model, task, problems, cfg, device) -> dict:
     """Sample m = --eval-streams streams per test problem and score them; μ runs on the first --value-streams of each
     problem's streams (the J curve and budget-forced accuracy cost μ rollouts per prefix and per budget).
@@ -40,20 +35,17 @@ def evaluate(model, task, problems, cfg, device) -> dict:
     gen = torch.Generator(device).manual_seed(cfg.seed + 12345)
     meta = mrt.MetaProver(model, task, generator=torch.Generator(device).manual_seed(cfg.seed + 54321))
     m, v, P = cfg.eval_streams, cfg.value_streams, len(problems)
-    longest = thinking_room(cfg, task, problems)
+    longest = task.room(cfg.block_size, problems)
     budgets = list(range(0, longest + 1, cfg.budget_step))
     with autocast(device):
-        per_call = max(1, 1024 // m)  # problems per sampling call: bounds the KV cache's memory
-        prompts, completions = [], []
-        for i in range(0, P, per_call):
-            p, c = mrt.sample_completions(model, task, problems[i:i + per_call], longest, gen, samples=m)
-            prompts, completions = prompts + p, completions + c
+        prompts, completions = mrt.sample_completions(model, task, problems, longest, gen, samples=m,
+                                                      max_rows=meta.max_rows)  # as many rows a call as μ
         rows = [(p, i) for p in range(P) for i in range(v)]  # the streams μ runs on
         v_problems, v_prompts = [problems[p] for p, _ in rows], [prompts[p] for p, _ in rows]
         v_completions = [completions[p * m + i] for p, i in rows]
         episodes = [mrt.split_episodes(mrt.split_completion(c)[0]) for c in v_completions]
         values = mrt.episode_values(meta, v_problems, v_prompts, episodes, cfg.eval_rollouts, cfg.max_episodes)
-        forced = mrt.budget_accuracy(meta, task, v_problems, v_prompts, v_completions, budgets, cfg.eval_rollouts)
+        forced = budget_accuracy(meta, task, v_problems, v_prompts, v_completions, budgets, cfg.eval_rollouts)
     parsed = [score_stream(task, problems[i // m], c) for i, c in enumerate(completions)]
     column = lambda key: np.array([s[key] for s in parsed], dtype=float).reshape(P, m)
     right, first_right, backtracked = column("right"), column("first_right"), column("backtracked")
@@ -81,14 +73,35 @@ def evaluate(model, task, problems, cfg, device) -> dict:
     }
 
 
+def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, n_rollouts=1) -> list[list[float]]:
+    """Success of each stream when its thinking is stopped after B tokens and μ must answer, for each B in `budgets`
+    (a row per stream, a column per budget).
+
+    A stream that finished thinking within B keeps its own 0/1 answer (a budget-agnostic model needs no forcing);
+    otherwise it scores μ's Monte Carlo success rate from the cut stream. All forced contexts go to μ as one batch.
+    """
+    out, slots, ctx_p, ctx_c = [], [], [], []
+    for i, (p, prompt, comp) in enumerate(zip(problems, prompts, completions)):
+        thinking, answer = mrt.split_completion(comp)
+        out.append([float(tasks.verify(task, p, tasks.decode(comp)))] * len(budgets))
+        for b, budget in enumerate(budgets):
+            if not answer or len(thinking) > budget:
+                slots.append((i, b))
+                ctx_p.append(p)
+                ctx_c.append(prompt + mrt.budget_cut(thinking, budget) + [tasks.ANSWER_ID])
+    for (i, b), value in zip(slots, mrt.estimate_success(meta_prover, ctx_p, ctx_c, n_rollouts)):
+        out[i][b] = value
+    return out
+
+
 def episode_bonuses(task, episodes, J) -> list:
     """[j, r_prg(z_j), its verdict (1 reached, 0 missed, -1 none: unfinished), 1[z_j repeats an earlier attempt of
     its stream]] for the episodes that J covers: what μ's progress bonus says beyond the environment's verdict."""
     attempts = tasks.parse_output(tasks.decode(t for e in episodes for t in e)).attempts
     keys = [tasks.answer_key(task, a) for a in attempts] if len(attempts) == len(episodes) else [None] * len(episodes)
     verdict = lambda e: 1 if tasks.REACHED_ID in e else 0 if tasks.MISSED_ID in e else -1
-    return [[j, J[j + 1] - J[j], verdict(episodes[j]), int(keys[j] is not None and keys[j] in keys[:j])]
-            for j in range(min(len(episodes), len(J) - 1))]
+    return [[j, bonus, verdict(episodes[j]), int(keys[j] is not None and keys[j] in keys[:j])]
+            for j, bonus in zip(range(len(episodes)), mrt.progress_bonus(J))]
 
 
 def bonus_measures(evals: list[dict]) -> dict:
@@ -149,8 +162,7 @@ def measures(evals: list[dict]) -> dict:
         **{f"pass@{k}": np.vectorize(lambda c: pass_at_k(m, int(c), k))(get("successes")) for k in PASS_K if k <= m},
         "majority_vote": get("majority_vote"),  # [..., n-1]: vote of n streams
         "J": J,
-        # [..., k-1]: Δ_k = Σ_{j<k} (J(π*) − J(μ | x, z_{0:j})) with J(π*) = 1
-        "regret": np.cumsum(1 - J[..., 1:], axis=-1),
+        "regret": np.apply_along_axis(mrt.cumulative_regret, -1, J),  # [..., k-1]: Δ_k, J(π*) = 1
         "budget_accuracy": forced,
         "budget_regret": (1 - forced).sum(-1),  # Σ_B (J(π*) − accuracy at B) over the budget grid
     }
@@ -338,7 +350,7 @@ def plot(results: dict, out_dir: str):
     ks = [k for k in PASS_K if f"pass@{k}" in base]
     ax1.plot([k * tokens for k in ks], [base[f"pass@{k}"]["mean"] for k in ks], "k:", marker="x",
              label="base, pass@k (k streams)")
-    ax1.axvline(results["config"]["max_think"], color="gray", ls=":", lw=1, label="RL budget")
+    ax1.axvline(results["config"]["train_room"], color="gray", ls=":", lw=1, label="RL room (--train-room)")
     ax1.set(xlabel="thinking tokens", ylabel="accuracy", title="accuracy vs thinking tokens (95% intervals)")
     ax2.set(xlabel="episodes k", ylabel="cumulative regret Δ_k  (J(π*) = 1)", title="cumulative regret",
             xticks=np.arange(1, len(base["regret"]["mean"]) + 1))

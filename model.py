@@ -227,8 +227,7 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
     `pad_id` is never drawn (it only fills rows that have stopped), nor is any id in `forbid`.
     With the KV cache the prompts are run once (prefill) and then one token per step for the whole batch;
     `use_cache=False` recomputes the whole prefix every step (same results, only there to measure and test against).
-    `env` (optional, e.g. `tasks.Environment`): after a row samples `env.trigger`, the ids `env.reply(row)` returns
-    are written into that row next, in place of samples (log-prob 0); the model reads them like any token.
+    `env` (optional, e.g. `tasks.Environment`) writes into the rows through `EnvironmentHook`.
     """
     device = model.wte.weight.device
     B = len(prompts)
@@ -251,22 +250,19 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
     seq, pos = idx, positions
     tokens, logprobs = [], []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    pending = torch.full((B, 1), -1, device=device)  # environment ids still to write, per row, left-aligned
+    hook = EnvironmentHook(env, prompts, samples, B, device) if env is not None else None
     forbid = (*forbid, pad_id)
     for t in range(max_new_tokens):
         tok, lp = sample_next(logits, temperature, top_k, forbid, generator)
-        written = pending[:, 0] >= 0
-        if env is not None:
-            tok, lp = torch.where(written, pending[:, 0], tok), lp.masked_fill(written, 0.0)
-            pending = torch.cat([pending[:, 1:], torch.full_like(pending[:, :1], -1)], 1)
+        tok, lp = hook.write(tok, lp) if hook else (tok, lp)
         tok = tok.masked_fill(finished, pad_id)
         tokens.append(tok)
         logprobs.append(lp.masked_fill(finished, 0.0))
         finished = finished | (tok == stop_id)
         if t == max_new_tokens - 1 or (t % 8 == 7 and bool(finished.all())):  # check rarely: each check syncs a GPU
             break
-        if env is not None:
-            pending = environment_step(env, prompts, samples, tokens, (tok == env.trigger) & ~written, pending)
+        if hook:
+            hook.listen(tokens, tok)
         next_pos = pos[:, -1:] + 1
         if use_cache:  # one new query; it may see every real key so far
             logits = model(tok[:, None], positions=next_pos, mask=valid[:, None, None, :L + t + 1], cache=cache)[:, -1]
@@ -278,15 +274,26 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
     return Generation(tokens, logprobs, (tokens != pad_id).sum(1))
 
 
-def environment_step(env, prompts, samples, tokens, triggered, pending):
-    """Queue the environment's reply in every row that just sampled its trigger (only those rows leave the tensor)."""
-    rows = triggered.nonzero().squeeze(1).tolist()
-    if not rows:
-        return pending
-    so_far = torch.stack(tokens, 1)[rows].tolist()
-    replies = [env.reply(list(prompts[r // samples]) + row) for r, row in zip(rows, so_far)]
-    width = max(pending.size(1), max(map(len, replies)))
-    pending = torch.cat([pending, torch.full((pending.size(0), width - pending.size(1)), -1, device=pending.device)], 1)
-    queued = torch.tensor([reply + [-1] * (width - len(reply)) for reply in replies])  # built on the host, copied once
-    pending[rows] = queued.to(pending.device)
-    return pending
+class EnvironmentHook:
+    """`generate`'s hook for an environment: after a row samples `env.trigger`, the ids `env.reply(row)` returns (never
+    the trigger) are written into that row next, in place of samples (log-prob 0), from a queue on the device."""
+
+    def __init__(self, env, prompts, samples, batch_size, device):
+        self.env, self.prompts, self.samples = env, prompts, samples
+        self.queue = torch.full((batch_size, 1), -1, device=device)  # ids still to write, left-aligned; -1: none
+
+    def write(self, tok, lp):
+        """Each row's next queued id, if it has one, in place of its sample."""
+        head, self.queue = self.queue[:, 0], F.pad(self.queue[:, 1:], (0, 1), value=-1)
+        return torch.where(head >= 0, head, tok), lp.masked_fill(head >= 0, 0.0)
+
+    def listen(self, tokens, tok):
+        """Queue the reply of each row that sampled the trigger; only those rows leave the device, in one copy."""
+        rows = (tok == self.env.trigger).nonzero().squeeze(1).tolist()
+        if rows:
+            so_far = torch.stack(tokens, 1)[rows].tolist()
+            replies = [self.env.reply(list(self.prompts[r // self.samples]) + row) for r, row in zip(rows, so_far)]
+            width = max(self.queue.size(1), max(map(len, replies)))
+            self.queue = F.pad(self.queue, (0, width - self.queue.size(1)), value=-1)
+            queued = torch.tensor([reply + [-1] * (width - len(reply)) for reply in replies])
+            self.queue[rows] = queued.to(self.queue.device)

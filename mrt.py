@@ -32,19 +32,6 @@ def split_episodes(thinking: list[int]) -> list[list[int]]:
     return [e for e in episodes if e]
 
 
-def split_lines(episode: list[int]) -> list[list[int]]:
-    """Cut an episode after each complete line (its newline, or the verdict that follows one): finer episodes, whose
-    J(μ) can move inside an attempt (the `mrt_lines` arm). A backtrack line stays with the line after it, so that
-    where to backtrack is credited with what the step after it achieves."""
-    ends, lines = (tasks.NEWLINE_ID, *tasks.VERDICT_IDS), [[]]
-    for tok, nxt in zip(episode, episode[1:] + [None]):
-        lines[-1].append(tok)
-        backtrack_line = lines[-1][0] == tasks.BACKTRACK_ID and lines[-1].count(tasks.NEWLINE_ID) == 1
-        if tok in ends and nxt not in tasks.VERDICT_IDS and not backtrack_line:
-            lines.append([])
-    return [line for line in lines if line]
-
-
 def split_completion(completion: list[int]):
     """(thinking, answer) token lists: the answer starts at <|answer|>; trailing pads are dropped."""
     completion = [t for t in completion if t != tasks.PAD_ID]
@@ -73,18 +60,16 @@ class MetaProver:
     task: object
     temperature: float = 1.0
     generator: torch.Generator | None = None
-    chunk: int = 1024  # rows per generate() call: bounds the KV cache's memory
+    max_rows: int = 1024  # rows per generate() call (see `complete`)
+    FORBIDS = (tasks.BACKTRACK_ID,)  # μ must answer now: it may not think on (not a field: no annotation)
 
     def __call__(self, problems: list, contexts: list[list[int]], n_rollouts: int = 1) -> list[int]:
         return self.answers(problems, contexts, n_rollouts)[1]
 
     def answers(self, problems: list, contexts: list[list[int]], n_rollouts: int = 1):
         """The n sampled answers of every context (token rows after <|answer|>, in order) and their 0/1 rewards."""
-        answers, per_call = [], max(1, self.chunk // n_rollouts)
-        for i in range(0, len(contexts), per_call):
-            answers += complete(self.model, contexts[i:i + per_call], self.task.answer_tokens(), self.generator,
-                                self.temperature, n_rollouts, forbid=(tasks.BACKTRACK_ID,),
-                                env=tasks.environment(self.task))
+        answers = complete(self.model, contexts, self.task.answer_tokens(), self.generator, self.temperature,
+                           n_rollouts, forbid=self.FORBIDS, env=tasks.environment(self.task), max_rows=self.max_rows)
         return answers, score_answers(self.task, [p for p in problems for _ in range(n_rollouts)], answers)
 
 
@@ -196,30 +181,33 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
 
 # ----------------------------------------------------------------------------- sampling and budget forcing
 def complete(model, contexts: list[list[int]], max_new_tokens: int, generator=None, temperature=1.0, samples=1,
-             forbid=(), env=None):
+             forbid=(), env=None, max_rows=None):
     """`samples` sampled continuations of every context (consecutive per context), without pads; at most
     `max_new_tokens` each, fewer where the longest context leaves less room in the model's block.
     `env`: the task's environment (`tasks.environment`), which writes its tokens into the continuations.
 
-    All rows are sampled at once where their KV cache fits `MAX_CACHE_BYTES` (model.py), else in groups of contexts
-    that do, to bound memory (the grouping changes the random numbers a row draws: a call that fits stays whole)."""
+    All rows are sampled at once where their KV cache fits `MAX_CACHE_BYTES` (model.py) and they are at most
+    `max_rows`, else in groups of contexts that are. The grouping changes the random numbers a row draws: μ and the
+    evaluation sample 1,024 rows a call, as every reported number was measured."""
     longest = max(map(len, contexts))
     if longest >= model.config.block_size:
         raise ValueError(f"a context of {longest} tokens leaves no room to generate")
     n_new = min(max_new_tokens, model.config.block_size - longest)
-    per_call, rows = max(1, rows_that_fit(model, longest + n_new) // samples), []
+    fit = rows_that_fit(model, longest + n_new)
+    per_call, rows = max(1, min(fit, max_rows or fit) // samples), []
     for i in range(0, len(contexts), per_call):
         gen = generate(model, contexts[i:i + per_call], n_new, tasks.EOS_ID, tasks.PAD_ID, temperature,
-                       forbid=(*forbid, *tasks.VERDICT_IDS), generator=generator, samples=samples, env=env)
+                       forbid=(*forbid, *tasks.NEVER_SAMPLED), generator=generator, samples=samples, env=env)
         rows += [[t for t in row if t != tasks.PAD_ID] for row in gen.tokens.tolist()]
     return rows
 
 
-def sample_completions(model, task, problems, max_new_tokens: int, generator=None, temperature=1.0, samples=1):
+def sample_completions(model, task, problems, max_new_tokens: int, generator=None, temperature=1.0, samples=1,
+                       max_rows=None):
     """Prompts (token lists) and `samples` sampled completions per problem."""
     prompts = [tasks.encode(task.prompt(p)) for p in problems]
     return prompts, complete(model, prompts, max_new_tokens, generator, temperature, samples,
-                             env=tasks.environment(task))
+                             env=tasks.environment(task), max_rows=max_rows)
 
 
 def budget_cut(thinking: list[int], budget: int) -> list[int]:
@@ -234,27 +222,6 @@ def budget_cut(thinking: list[int], budget: int) -> list[int]:
         if cut[last_line:last_line + 1] != [tasks.BACKTRACK_ID]:
             return cut
         cut = cut[:last_line]  # and look again: backtrack lines may follow one another
-
-
-def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, n_rollouts=1) -> list[list[float]]:
-    """Success of each stream when its thinking is stopped after B tokens and μ must answer, for each B in `budgets`
-    (a row per stream, a column per budget).
-
-    A stream that finished thinking within B keeps its own 0/1 answer (a budget-agnostic model needs no forcing);
-    otherwise it scores μ's Monte Carlo success rate from the cut stream. All forced contexts go to μ as one batch.
-    """
-    out, slots, ctx_p, ctx_c = [], [], [], []
-    for i, (p, prompt, comp) in enumerate(zip(problems, prompts, completions)):
-        thinking, answer = split_completion(comp)
-        out.append([float(tasks.verify(task, p, tasks.decode(comp)))] * len(budgets))
-        for b, budget in enumerate(budgets):
-            if not answer or len(thinking) > budget:
-                slots.append((i, b))
-                ctx_p.append(p)
-                ctx_c.append(prompt + budget_cut(thinking, budget) + [tasks.ANSWER_ID])
-    for (i, b), value in zip(slots, estimate_success(meta_prover, ctx_p, ctx_c, n_rollouts)):
-        out[i][b] = value
-    return out
 
 
 # ----------------------------------------------------------------------------- the backtracking warm-start
@@ -272,7 +239,7 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
         else:
             failed[i] = attempt
     def where_to_restart(i):  # the steps k worth trying; "scratch" keeps only k = 0 where it is one of them
-        steps = tasks.restart_steps(task, problems[i], failed[i])
+        steps = restart_steps(task, problems[i], failed[i])
         return [0] if restart == "scratch" and 0 in steps else steps
     jobs = [(i, k) for i in failed for k in where_to_restart(i)]
     kept_text = lambda i, k: tasks.steps_text(failed[i][:k])
@@ -291,16 +258,42 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
         elif not solved and len(attempt) == task.n_numbers - 1:  # a whole attempt that missed: a failing retry
             misses.setdefault(i, {}).setdefault(k, []).append(attempt)
     for i in sorted(rates):
-        traces.append(tasks.make_trace(task, problems[i], failed[i], rates[i], rollouts.get(i, {}), rng,
+        traces.append(make_trace(task, problems[i], failed[i], rates[i], rollouts.get(i, {}), rng,
                                        misses.get(i, {})))
     return traces
+
+
+def restart_steps(task, problem, attempt) -> list[int]:
+    """Steps k worth backtracking to: z_0's first k steps are legal and a solution goes on with a *different* step k."""
+    last = min(tasks.valid_prefix(task, problem, attempt), len(attempt) - 1) if attempt else 0
+    return [k for k in range(last + 1) if other_solutions(task, problem, attempt, k)]
+
+
+def other_solutions(task, problem, attempt, k) -> list[list[str]]:
+    """Solutions that keep z_0's first k steps and then leave it (their step k differs from z_0's)."""
+    state = tasks.run_steps(task, problem, attempt[:k])
+    return [s for s in task.solutions(state, problem[1]) if s and (k >= len(attempt) or s[0] != attempt[k])]
+
+
+def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng, misses=None) -> tasks.Trace:
+    """Backtrack to the step with the highest restart success rate (ties: keep more), then attempt anew.
+
+    `rates[k]` is the Monte Carlo success rate of restarting after z_0's first k steps; `rollouts[k]` lists the
+    step lists of the base model's successful restarts, `misses[k]` those of its whole restarts that missed. The
+    solving attempt is one of the successful restarts that leaves z_0 at step k, or else a solver's solution that
+    does; where a restart from k missed, half the traces first retry with it and backtrack again, so that the model
+    also learns what to do after a second miss."""
+    keep = max(rates, key=lambda k: (rates[k], k))
+    good = [s[keep:] for s in rollouts.get(keep, []) if keep >= len(attempt) or s[keep] != attempt[keep]]
+    new_steps = good[0] if good else rng.choice(other_solutions(task, problem, attempt, keep))[keep:]
+    retries = (misses or {}).get(keep, [])
+    return tasks.Trace(problem, attempt, keep, new_steps, retries[0] if retries and rng.random() < 0.5 else None)
 
 
 # ----------------------------------------------------------------------------- one RL step of each arm
 ARMS = {  # arm -> where the per-episode J of its progress bonus comes from (None: no bonus)
     "outcome": None,  # the 0/1 outcome reward only
     "mrt": "mu",  # + α · progress, J(μ | x, z_{0:j}) from μ's Monte Carlo rollouts (the paper's definition)
-    "mrt_lines": "mu",  # as mrt, with an episode per line (`split_lines`)
     "mrt_verdict": "verdict",  # + α · progress, J from the environment's verdicts alone (`verdict_values`)
     "mrt_prefix": "prefix",  # the paper's RL form: answer now vs keep thinking from prefixes (`prefix_rollouts`)
 }
@@ -317,10 +310,9 @@ class Batch:
 
 
 def rollouts(model, task, problems, cfg, arm: str, gen, meta_gen) -> Batch:
-    """The rollouts of one RL step and their credit. `problems` holds each problem cfg.rl_group times in a row;
-    `cfg` gives rl_group, max_think (the room of a whole completion), alpha and mc_rollouts. The policy samples
-    with `gen` and μ with `meta_gen`: μ's draws never shift the policy's, so every stream arm (all but
-    mrt_prefix) samples the same streams."""
+    """The rollouts of one RL step and their credit; `problems` holds each problem cfg.rl_group times in a row. The
+    policy samples with `gen` and μ with `meta_gen`: μ's draws never shift the policy's, so every stream arm (all
+    but mrt_prefix) samples the same streams; each caps a whole completion at cfg.train_room tokens."""
     arm_rollouts = prefix_rollouts if arm == "mrt_prefix" else stream_rollouts
     return arm_rollouts(model, task, problems, cfg, arm, gen, meta_gen)
 
@@ -328,13 +320,11 @@ def rollouts(model, task, problems, cfg, arm: str, gen, meta_gen) -> Batch:
 def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
     """rl_group whole streams per problem, every token credited with the outcome advantage; the MRT arms add to
     each token α times its own episode's progress bonus."""
-    prompts, completions = sample_completions(model, task, problems, cfg.max_think, gen)
+    prompts, completions = sample_completions(model, task, problems, cfg.train_room, gen)
     rewards = torch.tensor([float(tasks.verify(task, p, tasks.decode(c))) for p, c in zip(problems, completions)])
     advantages = group_advantages(rewards.view(-1, cfg.rl_group)).flatten()
     thinking = [split_completion(c)[0] for c in completions]
     episodes = [split_episodes(t) for t in thinking]
-    if arm == "mrt_lines":
-        episodes = [[line for e in eps for line in split_lines(e)] for eps in episodes]
     if ARMS[arm] == "mu":
         values = episode_values(MetaProver(model, task, generator=meta_gen), problems, prompts, episodes,
                                 cfg.mc_rollouts)
@@ -353,10 +343,10 @@ def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
 def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
     """MRT in the paper's RL form. Per problem, a stream from π' (the policy as this step starts) cut after a random
     number j of episodes is the context c = x, z_{0:j-1}; from c, rl_group // 2 rollouts answer now (μ) and the
-    others keep thinking (c's thinking and the rollout together at most max_think tokens, as in the other arms).
+    others keep thinking (c's thinking and the rollout together at most train_room tokens, as in the other arms).
     Each is credited with `prefix_advantages`, on its own tokens only: c is not credited."""
     unique = problems[::cfg.rl_group]
-    prompts, streams = sample_completions(model, task, unique, cfg.max_think, gen)
+    prompts, streams = sample_completions(model, task, unique, cfg.train_room, gen)
     contexts, answer_now = [], []  # c, and μ's input after it
     for prompt, stream in zip(prompts, streams):
         episodes = split_episodes(split_completion(stream)[0])
@@ -365,11 +355,11 @@ def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
         answer_now.append(forced_answer_context(prompt, episodes, j))
     n_answer, n_think = cfg.rl_group // 2, cfg.rl_group - cfg.rl_group // 2
     answers, answer_rewards = MetaProver(model, task, generator=meta_gen).answers(unique, answer_now, n_answer)
-    thoughts = complete(model, contexts, cfg.max_think, gen, samples=n_think, env=tasks.environment(task))
+    thoughts = complete(model, contexts, cfg.train_room, gen, samples=n_think, env=tasks.environment(task))
     thought_rows, thought_rewards, thinking = [], [], []
     for i, thought in enumerate(thoughts):
         problem, prompt, context = unique[i // n_think], prompts[i // n_think], contexts[i // n_think]
-        thought = thought[:cfg.max_think - (len(context) - len(prompt))]  # the whole stream within max_think
+        thought = thought[:cfg.train_room - (len(context) - len(prompt))]  # the whole stream within train_room
         stream = context[len(prompt):] + thought
         thought_rows.append((context, thought))
         thought_rewards.append(tasks.verify(task, problem, tasks.decode(stream)))
@@ -392,6 +382,6 @@ def rl_loss(model, task, batch: Batch) -> torch.Tensor:
     device = model.wte.weight.device
     written = pad_sequence([torch.tensor([not e for e in tasks.environment_mask(task, c)], dtype=torch.float)
                             for c in batch.completions], batch_first=True)
-    by_mu = [(tasks.BACKTRACK_ID,) if c[-1] == tasks.ANSWER_ID else () for c in batch.contexts]
-    logprobs = completion_logprobs(model, batch.contexts, batch.completions, (tasks.PAD_ID, *tasks.VERDICT_IDS), by_mu)
+    by_mu = [MetaProver.FORBIDS if c[-1] == tasks.ANSWER_ID else () for c in batch.contexts]
+    logprobs = completion_logprobs(model, batch.contexts, batch.completions, tasks.NEVER_SAMPLED, by_mu)
     return reinforce_loss(logprobs, pad_sequence(batch.credit, batch_first=True).to(device), written.to(device))

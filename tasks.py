@@ -36,7 +36,8 @@ TOKENIZER = tiktoken.Encoding(name="mrt-char", pat_str=r"[\s\S]",
                               special_tokens={s: len(ALPHABET) + i for i, s in enumerate(SPECIALS)})
 BOS_ID, EOS_ID, BACKTRACK_ID, ANSWER_ID, PAD_ID, REACHED_ID, MISSED_ID = map(TOKENIZER.encode_single_token, SPECIALS)
 NEWLINE_ID, EQUALS_ID = TOKENIZER.encode_single_token("\n"), TOKENIZER.encode_single_token("=")
-VERDICT_IDS = (REACHED_ID, MISSED_ID)  # only the environment writes these: the sampler never draws them
+VERDICT_IDS = (REACHED_ID, MISSED_ID)  # only the environment writes these
+NEVER_SAMPLED = (PAD_ID, *VERDICT_IDS)  # ids the sampler never draws: pads only fill stopped rows
 VOCAB_SIZE = TOKENIZER.n_vocab
 
 
@@ -111,6 +112,12 @@ class NumberTask:
     def prompt_tokens(self) -> int:
         """Tokens of the longest prompt: <|bos|>, the numbers and their separators, the target, the newline."""
         return 2 + self.n_numbers * (len(str(self.max_number)) + 1) + len(str(self.max_target))
+
+    def room(self, block_size: int, problems=None) -> int:
+        """The room of a completion (thinking and answer): what a block leaves after the longest prompt of `problems`
+        (of any problem if None), <|answer|> and μ's longest answer, so that μ can answer after any cut of it."""
+        prompt = max(len(encode(self.prompt(p))) for p in problems) if problems else self.prompt_tokens()
+        return block_size - prompt - 1 - self.answer_tokens()
 
     def prompt(self, problem) -> str:
         """The model's input x: `<|bos|>numbers:target` and a newline."""
@@ -358,8 +365,7 @@ def environment_mask(task, completion: list[int]) -> list[bool]:
 
 @dataclass(frozen=True)
 class Environment:
-    """The environment as the sampler calls it: after a row samples `trigger` (`=`), the tokens `reply(row)` returns
-    are written next, in place of samples."""
+    """The environment as the sampler calls it (`model.EnvironmentHook`): its reply to each `=` a row samples."""
     task: NumberTask
     trigger = EQUALS_ID
 
@@ -420,30 +426,3 @@ class Trace:
         retry = [(back, True), (attempt_text(task, self.problem, self.retry, self.keep), False)] if self.retry else []
         solve = back + attempt_text(task, self.problem, steps, self.keep) + ANSWER + steps_text(steps) + EOS
         return [(first, False), *retry, (solve, True)]
-
-
-def restart_steps(task, problem, attempt) -> list[int]:
-    """Steps k worth backtracking to: z_0's first k steps are legal and a solution goes on with a *different* step k."""
-    last = min(valid_prefix(task, problem, attempt), len(attempt) - 1) if attempt else 0
-    return [k for k in range(last + 1) if other_solutions(task, problem, attempt, k)]
-
-
-def other_solutions(task, problem, attempt, k) -> list[list[str]]:
-    """Solutions that keep z_0's first k steps and then leave it (their step k differs from z_0's)."""
-    state = run_steps(task, problem, attempt[:k])
-    return [s for s in task.solutions(state, problem[1]) if s and (k >= len(attempt) or s[0] != attempt[k])]
-
-
-def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng: random.Random, misses=None) -> Trace:
-    """Backtrack to the step with the highest restart success rate (ties: keep more), then attempt anew.
-
-    `rates[k]` is the Monte Carlo success rate of restarting after z_0's first k steps; `rollouts[k]` lists the
-    step lists of the base model's successful restarts, `misses[k]` those of its whole restarts that missed. The
-    solving attempt is one of the successful restarts that leaves z_0 at step k, or else a solver's solution that
-    does; where a restart from k missed, half the traces first retry with it and backtrack again, so that the model
-    also learns what to do after a second miss."""
-    keep = max(rates, key=lambda k: (rates[k], k))
-    good = [s[keep:] for s in rollouts.get(keep, []) if keep >= len(attempt) or s[keep] != attempt[keep]]
-    new_steps = good[0] if good else rng.choice(other_solutions(task, problem, attempt, keep))[keep:]
-    retries = (misses or {}).get(keep, [])
-    return Trace(problem, attempt, keep, new_steps, retries[0] if retries and rng.random() < 0.5 else None)

@@ -164,7 +164,7 @@ def test_rl_credits_only_the_tokens_the_policy_wrote(monkeypatch):
     monkeypatch.setattr(mrt, "sample_completions", lambda *a, **k: seen.setdefault("sampled", sample(*a, **k)))
     monkeypatch.setattr(mrt, "reinforce_loss", lambda lp, adv, mask: seen.setdefault("mask", mask) is not None
                         and loss(lp, adv, mask))
-    model, cfg = tiny_model(block_size=128), train.Config(rl_prompts=2, rl_group=4, max_think=40)
+    model, cfg = tiny_model(block_size=128), train.Config(rl_prompts=2, rl_group=4, train_room=40)
     problems = [p for p in tasks.make_split(TASK, 2, 1, seed=0)[0] for _ in range(4)]
     train.rl_step(model, torch.optim.AdamW(model.parameters()), TASK, problems, cfg, "mrt", torch.Generator(),
                   torch.Generator(), torch.device("cpu"))
@@ -336,7 +336,7 @@ def test_prefix_advantage_measures_thinking_on_against_answering_now():
 
 
 def test_prefix_arm_trains_on_its_rollouts_from_the_cut_streams_only():
-    model, cfg = tiny_model(block_size=128), train.Config(rl_prompts=2, rl_group=4, max_think=40)
+    model, cfg = tiny_model(block_size=128), train.Config(rl_prompts=2, rl_group=4, train_room=40)
     problems = [p for p in tasks.make_split(TASK, 2, 1, seed=0)[0] for _ in range(4)]
     batch = mrt.prefix_rollouts(model, TASK, problems, cfg, "mrt_prefix", torch.Generator().manual_seed(0),
                                 torch.Generator().manual_seed(1))
@@ -401,7 +401,7 @@ def test_budget_cut_keeps_complete_lines_only():
 
 def test_warmstart_trace_backtracks_to_the_best_step_and_verifies():
     attempt = ["9-7=2", "3*2=6"]
-    trace = tasks.make_trace(TASK, PROBLEM, attempt, {0: 0.5, 1: 0.0}, {}, random.Random(0))
+    trace = mrt.make_trace(TASK, PROBLEM, attempt, {0: 0.5, 1: 0.0}, {}, random.Random(0))
     assert trace.keep == 0
     text = "".join(piece for piece, _ in trace.pieces(TASK))
     assert verify(TASK, PROBLEM, text) == 1
@@ -424,7 +424,7 @@ def test_no_backtrack_target_where_the_kept_steps_already_solve_it():
     attempt = ["9*3=27", "27-7=20", "20+1=21"]  # solved after two steps, then a stray line
     # 9*3=27, 27-7=20 is the only solution, and keeping both steps leaves nothing to redo: nowhere to go back to
     assert TASK.solutions(TASK.start(PROBLEM), 20) == [attempt[:2]]
-    assert tasks.restart_steps(TASK, PROBLEM, attempt) == []
+    assert mrt.restart_steps(TASK, PROBLEM, attempt) == []
 
 
 def test_warmstart_builder_with_a_model_makes_valid_traces():
@@ -513,7 +513,7 @@ def coin_rewards(monkeypatch):
 def rl_batch(arm, alpha=1.0, model=None, seed=0):
     """One RL step's rollouts of a tiny model on 2 problems x 4 samples, from fixed generators."""
     model = model or tiny_model(block_size=128)
-    cfg = train.Config(rl_prompts=2, rl_group=4, max_think=40, alpha=alpha, mc_rollouts=2)
+    cfg = train.Config(rl_prompts=2, rl_group=4, train_room=40, alpha=alpha, mc_rollouts=2)
     problems = [p for p in tasks.make_split(TASK, 2, 1, seed=0)[0] for _ in range(4)]
     gens = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     return model, cfg, problems, mrt.rollouts(model, TASK, problems, cfg, arm, *gens)
@@ -720,9 +720,9 @@ def test_a_half_finished_stage_from_other_options_is_refused_too(tmp_path):
         train.Checkpoint(str(tmp_path / "base.pt"), {"lr": 3e-3}, 30, cfg)
 
 
-def test_the_warm_start_depends_on_max_think():  # its traces are sampled max_think tokens long
+def test_the_warm_start_depends_on_train_room():  # its traces are sampled train_room tokens long
     cfg = train.Config()
-    assert train.stage_config(cfg, "warm") != train.stage_config(train.Config(max_think=32), "warm")
+    assert train.stage_config(cfg, "warm") != train.stage_config(train.Config(train_room=32), "warm")
 
 
 def test_truncated_checkpoint_is_a_clear_error(smoke_run, tmp_path, capsys):
@@ -747,7 +747,7 @@ def test_explain_prints_each_episode_with_its_progress(smoke_run, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--rl-steps", "-1"], "--rl-steps"), (["--alpha", "-0.5"], "--alpha"), (["--device", "tpu"], "--device"),
-    (["--max-think", "500"], "--max-think"), (["--preset", "huge"], "--preset"), (["--n-head", "5"], "--n-head"),
+    (["--train-room", "500"], "--train-room"), (["--preset", "huge"], "--preset"), (["--n-head", "5"], "--n-head"),
     (["--explain", "nothing"], "--explain"), (["--explain", "base", "--problem", "1 2 3:1000"], "--problem"),
     (["--n-test", "5000"], "--n-test"), (["--value-streams", "8"], "--value-streams"),
     (["--rl-prompts", "5000"], "--rl-prompts"), (["--arms", "outcome,ppo"], "--arms"),
@@ -855,3 +855,10 @@ def test_non_finite_loss_stops_training():
     model = tiny_model()
     with pytest.raises(FloatingPointError, match="non-finite"):
         train.check_finite(torch.tensor(float("nan")), model, "base")
+
+
+def test_the_room_is_what_the_block_leaves_after_the_prompt_and_mus_answer():
+    task = tasks.Countdown(3, 10, 100)  # longest prompt "<|bos|>10 10 10:100\n": 14 tokens; longest answer 25
+    assert (task.prompt_tokens(), task.answer_tokens()) == (14, 25)
+    assert task.room(128) == 128 - 14 - 1 - 25  # prompt, completion, <|answer|>, answer
+    assert task.room(128, [((3, 7, 9), 20)]) == 128 - len(encode("<|bos|>3 7 9:20\n")) - 1 - 25

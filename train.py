@@ -144,7 +144,7 @@ def train_warm(base, task, train, cfg: Config, device, log, checkpoint) -> GPT:
     base.eval()
     with autocast(device):
         traces = mrt.build_traces(base, task, rng.sample(train, min(cfg.warm_problems, len(train))),
-                                  cfg.warm_rollouts, cfg.max_think, gen, rng, cfg.restart)
+                                  cfg.warm_rollouts, cfg.train_room, gen, rng, cfg.restart)
     text = lambda t: task.prompt(t.problem) + "".join(piece for piece, _ in t.pieces(task))
     traces = [t for t in traces if len(tasks.encode(text(t))) <= cfg.block_size + 1]  # long misses can overflow
     backtracks = sum(t.keep is not None for t in traces)
@@ -202,7 +202,7 @@ def heldout_accuracy(model, task, problems, cfg, device) -> float:
     """Share of right streams among --curve-streams sampled streams per test problem, at the evaluation's room.
     Every check draws the same random numbers (a generator of its own): the curve moves with the model only."""
     with autocast(device):
-        return accuracy(model, task, problems, evaluation.thinking_room(cfg, task, problems),
+        return accuracy(model, task, problems, task.room(cfg.block_size, problems),
                         torch.Generator(device).manual_seed(cfg.seed + 777), samples=cfg.curve_streams)
 
 
@@ -250,8 +250,12 @@ def run(cfg: Config) -> dict:
                                                                                   leave=False)]
              for name, group in models.items()}
     timings["evaluation"] = time.time() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+          + (f"; peak GPU memory {peak:.1f} GiB" if peak is not None else ""))
     results = {"config": asdict(cfg), "machine": evaluation.machine(), "device": str(device),
                "train_problems": len(train), "test_problems": len(test), "stage_seconds": timings,
+               "peak_gpu_memory_gib": peak,
                "test_set": [task.prompt(p)[len(tasks.BOS):].strip() for p in test],
                "learning_curve": evaluation.learning_curves(log_path, arms, seeds),
                **evaluation.report(evals, cfg.seed)}
@@ -286,14 +290,13 @@ def explain(cfg: Config, rollouts: int = 32):
     except ValueError as e:
         raise UserError(f"--problem: {e}") from None
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    longest = evaluation.thinking_room(cfg, task, [problem])
+    longest = task.room(cfg.block_size, [problem])
     prompts, completions = mrt.sample_completions(model, task, [problem], longest, gen)
     thinking, answer = mrt.split_completion(completions[0])
     episodes = mrt.split_episodes(thinking)
     values = mrt.episode_values(mrt.MetaProver(model, task, generator=gen), [problem], prompts, [episodes], rollouts)[0]
     print(f"problem x: {tasks.decode(prompts[0][1:]).strip()}   (model: {path}; J from {rollouts} rollouts of μ)")
-    print("(an episode is an attempt; a backtrack line opens the episode of the attempt after it, so μ is never asked "
-          "to answer right after a backtrack line, which it never learned to do)")
+    print("(an episode is an attempt; a backtrack line opens the episode of the attempt after it: see split_episodes)")
     print(f"{'':<6}{'J(μ | x) with no thinking':<46}J = {values[0]:.2f}")
     for j, (episode, bonus) in enumerate(zip(episodes, mrt.progress_bonus(values))):
         text = tasks.decode(episode).replace("\n", " ").strip()
@@ -359,16 +362,15 @@ class Config:
     restart: str = opt("best", "where a trace backtracks after a failed z_0: best (the step whose Monte Carlo restarts "
                                "succeed most, the paper's recipe) or scratch (step 0)", choices=["best", "scratch"])
     # stage 3: RL
-    arms: str = opt("outcome,mrt", "RL arms, comma-separated: outcome (0/1 reward), mrt (+ each episode's progress "
-                                   "bonus, J from μ), mrt_verdict (J read off the verdicts: no μ) and mrt_prefix (the "
-                                   "paper's RL form: answer now vs keep thinking from prefixes)")
+    arms: str = opt("outcome,mrt", "RL arms, comma-separated: outcome (0/1 reward), mrt (+ progress bonus, J from μ), "
+                                   "mrt_verdict (J from the verdicts: no μ), mrt_prefix (the paper's RL form)")
     rl_steps: int = opt(200, "REINFORCE steps per arm", 0)
     rl_prompts: int = opt(16, "problems per RL step", 1)
     rl_group: int = opt(8, "samples per problem (the group of the baseline)", 1)
     rl_lr: float = opt(1e-4, "RL learning rate (constant)")
     alpha: float = opt(1.0, "weight α of the progress bonus in the MRT reward", 0)
     mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})", 1)
-    max_think: int = opt(64, "room of a whole completion (thinking and answer) in RL and warm-start sampling", 1)
+    train_room: int = opt(64, "room of a whole completion (thinking and answer) in warm-start sampling and RL", 1)
     rl_seeds: int = opt(1, "RL seeds (each runs every arm from the same warm start)", 1)
     curve_every: int = opt(40, "RL steps between held-out accuracy checks, the learning curve (0: none)", 0)
     curve_streams: int = opt(4, "sampled streams per test problem at each learning-curve check", 1)
@@ -395,7 +397,7 @@ class Config:
 PRESETS = {
     "cpu": {},
     "gpu": dict(n_numbers=4, n_layer=6, n_head=6, n_embd=384, block_size=192, base_steps=4000, batch_size=256,
-                warm_problems=4096, rl_steps=200, rl_prompts=32, max_think=128, n_test=1000, lr=1e-3),
+                warm_problems=4096, rl_steps=200, rl_prompts=32, train_room=128, n_test=1000, lr=1e-3),
     "smoke": dict(n_train=1000, n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
                   warm_problems=32, warm_rollouts=2, warm_steps=10, rl_steps=2, rl_prompts=4, rl_group=4,
                   mc_rollouts=2, rl_seeds=1, arms="outcome,mrt,mrt_prefix", eval_streams=4, value_streams=2,
@@ -448,21 +450,19 @@ def check_config(cfg: Config):
         (cfg.n_embd % cfg.n_head, f"--n-embd ({cfg.n_embd}) must be a multiple of --n-head ({cfg.n_head})"),
         (not set(arms) <= set(mrt.ARMS), f"--arms must name some of {', '.join(mrt.ARMS)}, got {cfg.arms!r}"),
         (len(set(arms)) < len(arms), f"--arms names an arm twice: {cfg.arms!r}"),
-        (cfg.problem and not cfg.explain, "--problem is the problem for --explain: pass --explain too (base, warm, "
-                                          "rl_outcome_seed0, ...)"),
-        ("mrt_prefix" in cfg.arms and cfg.rl_group < 2, "--arms mrt_prefix needs --rl-group >= 2 (answer now and "
-                                                        "keep thinking)"),
+        (cfg.problem and not cfg.explain, "--problem is the problem for --explain: pass --explain too"),
+        ("mrt_prefix" in cfg.arms and cfg.rl_group < 2, "--arms mrt_prefix needs --rl-group >= 2"),
     ]
     for broken, message in rules:
         if broken:
             raise UserError(message)
     task = make_task(cfg)
-    room = cfg.block_size - task.prompt_tokens() - task.answer_tokens() - 1  # prompt, stream, <|answer|>, answer
-    if cfg.max_think > room:
-        lower = f"lower --max-think to {room} or " if room >= 1 else ""
-        raise UserError(f"--max-think ({cfg.max_think}) must leave room in --block-size ({cfg.block_size}) for the "
+    room = task.room(cfg.block_size)
+    if cfg.train_room > room:
+        lower = f"lower --train-room to {room} or " if room >= 1 else ""
+        raise UserError(f"--train-room ({cfg.train_room}) must leave room in --block-size ({cfg.block_size}) for the "
                         f"prompt and the meta-prover's answer: {lower}raise --block-size to "
-                        f"{cfg.block_size - room + cfg.max_think}")
+                        f"{cfg.block_size - room + cfg.train_room}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -527,10 +527,9 @@ STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "base": ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
              "block_size", "seed", "base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob",
              "practice_per_problem", "model_only", "no_env_loss"],
-    "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "max_think", "restart"],
+    "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "train_room", "restart"],
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
     "mrt": ["alpha", "mc_rollouts"],
-    "mrt_lines": ["alpha", "mc_rollouts"],
     "mrt_verdict": ["alpha"],
     "mrt_prefix": ["alpha"],
 }
