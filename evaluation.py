@@ -78,7 +78,7 @@ def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, 
     (a row per stream, a column per budget).
 
     A stream that finished thinking within B keeps its own 0/1 answer (a budget-agnostic model needs no forcing);
-    otherwise it scores μ's Monte Carlo success rate from the cut stream. All forced contexts go to μ as one batch.
+    otherwise it scores μ's Monte Carlo success rate from the cut stream. All forced contexts go to μ in one call.
     """
     out, slots, ctx_p, ctx_c = [], [], [], []
     for i, (p, prompt, comp) in enumerate(zip(problems, prompts, completions)):

@@ -862,3 +862,12 @@ def test_the_room_is_what_the_block_leaves_after_the_prompt_and_mus_answer():
     assert (task.prompt_tokens(), task.answer_tokens()) == (14, 25)
     assert task.room(128) == 128 - 14 - 1 - 25  # prompt, completion, <|answer|>, answer
     assert task.room(128, [((3, 7, 9), 20)]) == 128 - len(encode("<|bos|>3 7 9:20\n")) - 1 - 25
+
+
+def test_a_checkpoint_saved_with_max_think_is_checked_as_train_room(tmp_path):
+    path, cfg = str(tmp_path / "warm.pt"), train.Config(train_room=32)
+    saved = {k: v for k, v in train.stage_config(cfg, "warm").items() if k != "train_room"} | {"max_think": 32}
+    torch.save({"model": {}, "model_args": {}, "stage_config": saved, "step": cfg.warm_steps}, path)
+    assert train.Checkpoint(path, train.stage_config(cfg, "warm"), cfg.warm_steps, cfg).finished()  # its old name
+    with pytest.raises(train.UserError, match="train_room"):  # not silently reused at the default room, 64
+        train.Checkpoint(path, train.stage_config(train.Config(), "warm"), cfg.warm_steps, train.Config())

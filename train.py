@@ -543,13 +543,14 @@ def stage_config(cfg: Config, stage: str) -> dict:
 
 
 def load_checkpoint(path: str, device) -> dict:
-    """A checkpoint dict; a truncated or foreign file is a UserError naming it."""
+    """A checkpoint dict, options saved under an older name renamed; a truncated or foreign file is a UserError."""
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
         assert isinstance(blob, dict) and {"model", "model_args", "stage_config", "step"} <= blob.keys()
     except Exception as e:
         raise UserError(f"{path}: not a readable mrt checkpoint ({type(e).__name__}); "
                         f"delete it or pass --fresh") from None
+    blob["stage_config"] = {{"max_think": "train_room"}.get(k, k): v for k, v in blob["stage_config"].items()}
     return blob
 
 
