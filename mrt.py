@@ -188,7 +188,7 @@ def complete(model, contexts: list[list[int]], max_new_tokens: int, generator=No
 
     All rows are sampled at once where their KV cache fits `MAX_CACHE_BYTES` (model.py) and they are at most
     `max_rows`, else in groups of contexts that are. The grouping changes the random numbers a row draws: μ and the
-    evaluation sample at most 1,024 rows a call, as every reported number was measured."""
+    evaluation sample at most `MetaProver.max_rows` a call, as every reported number was measured."""
     longest = max(map(len, contexts))
     if longest >= model.config.block_size:
         raise ValueError(f"a context of {longest} tokens leaves no room to generate")
