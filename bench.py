@@ -23,15 +23,14 @@ from model import autocast, generate
 
 def timed(fn, repeat: int, device) -> float:
     """Best wall time of `repeat` calls after one warm-up call (best-of: the least disturbed run)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     fn()
     best = float("inf")
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 

@@ -108,8 +108,7 @@ def bonus_measures(evals: list[dict]) -> dict:
     """Pooled over streams and seeds: corr(r_prg, 1[reached]) and the mean bonus of each kind of episode."""
     rows = np.array([r for e in evals for r in e["episode_bonuses"]], dtype=float).reshape(-1, 4)
     j, bonus, verdict, repeat = rows.T
-    reached, missed = verdict == 1, verdict == 0
-    later = j > 0
+    reached, missed, later = verdict == 1, verdict == 0, j > 0
     kinds = {"missed z_0": ~later & missed, "reached z_0": ~later & reached, "later reached": later & reached,
              "later missed, new": later & missed & (repeat == 0), "later missed, repeat": later & missed & (repeat == 1),
              "unfinished": verdict == -1}
@@ -318,13 +317,11 @@ def print_table(results: dict, cfg):
     for arm, curve in results.get("learning_curve", {}).items():
         print(f"held-out accuracy during RL, {arm:<11}" + "  ".join(f"step {s}: {a:.3f}" for s, a in
                                                                  zip(curve["steps"], curve["accuracy"])))
-    reach = results["tokens_to_reach_base_accuracy"]
-    print(f"thinking tokens to reach the base model's accuracy with the whole budget ({reach['target']:.3f}): "
-          + ", ".join(f"{k} {v}" for k, v in reach.items() if k != "target"))
-    reach = results["tokens_to_reach_outcome_accuracy"]
-    if reach["target"] is not None:
-        print(f"thinking tokens to reach outcome RL's accuracy with the whole budget ({reach['target']:.3f}): "
-              + ", ".join(f"{k} {v}" for k, v in reach.items() if k != "target"))
+    for key, whose in (("base", "the base model's"), ("outcome", "outcome RL's")):
+        reach = results[f"tokens_to_reach_{key}_accuracy"]
+        if reach["target"] is not None:  # outcome RL's is None where the outcome arm did not run
+            print(f"thinking tokens to reach {whose} accuracy with the whole budget ({reach['target']:.3f}): "
+                  + ", ".join(f"{k} {v}" for k, v in reach.items() if k != "target"))
 
 
 def plot(results: dict, out_dir: str):
@@ -344,8 +341,7 @@ def plot(results: dict, out_dir: str):
         ax2.plot(k, s["regret"]["mean"], label=name, color=line.get_color())
         ax2.fill_between(k, s["regret"]["low"], s["regret"]["high"], color=line.get_color(), alpha=0.15)
     base = results["summary"]["base"]
-    tokens = base["thinking_tokens"]["mean"]
-    votes = base["majority_vote"]["mean"]
+    tokens, votes = base["thinking_tokens"]["mean"], base["majority_vote"]["mean"]
     ax1.plot([n * tokens for n in range(1, len(votes) + 1)], votes, "k--", marker=".", label="base, majority vote of n")
     ks = [k for k in PASS_K if f"pass@{k}" in base]
     ax1.plot([k * tokens for k in ks], [base[f"pass@{k}"]["mean"] for k in ks], "k:", marker="x",

@@ -229,8 +229,7 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
     `use_cache=False` recomputes the whole prefix every step (same results, only there to measure and test against).
     `env` (optional, e.g. `tasks.Environment`) writes into the rows through `EnvironmentHook`.
     """
-    device = model.wte.weight.device
-    B = len(prompts)
+    device, B = model.wte.weight.device, len(prompts)
     idx = pad_sequence([torch.as_tensor(p) for p in prompts], batch_first=True, padding_value=pad_id,
                        padding_side="left").to(device)  # padded on the host: one copy to the device
     L = idx.size(1)
@@ -250,7 +249,7 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
     seq, pos = idx, positions
     tokens, logprobs = [], []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    hook = EnvironmentHook(env, prompts, samples, B, device) if env is not None else None
+    hook = EnvironmentHook(env, prompts, samples, max_new_tokens, device) if env is not None else None
     forbid = (*forbid, pad_id)
     for t in range(max_new_tokens):
         tok, lp = sample_next(logits, temperature, top_k, forbid, generator)
@@ -262,7 +261,7 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
         if t == max_new_tokens - 1 or (t % 8 == 7 and bool(finished.all())):  # check rarely: each check syncs a GPU
             break
         if hook:
-            hook.listen(tokens, tok)
+            hook.listen(t, tok)
         next_pos = pos[:, -1:] + 1
         if use_cache:  # one new query; it may see every real key so far
             logits = model(tok[:, None], positions=next_pos, mask=valid[:, None, None, :L + t + 1], cache=cache)[:, -1]
@@ -275,24 +274,26 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
 
 
 class EnvironmentHook:
-    """`generate`'s hook for an environment: after a row samples `env.trigger`, the ids `env.reply(row)` returns (never
-    the trigger) are written into that row next, in place of samples (log-prob 0), from a queue on the device."""
+    """`generate`'s hook for an environment. The rows' ids are mirrored on the host, one copy a step (its only sync);
+    after a row samples `env.trigger`, the ids its reply holds (never the trigger) are written into that row next, in
+    place of samples (log-prob 0), from a queue on the device."""
 
-    def __init__(self, env, prompts, samples, batch_size, device):
-        self.env, self.prompts, self.samples = env, prompts, samples
-        self.queue = torch.full((batch_size, 1), -1, device=device)  # ids still to write, left-aligned; -1: none
+    def __init__(self, env, prompts, samples, max_new_tokens, device):
+        self.env, self.rows = env, [env.follow(p) for p in prompts for _ in range(samples)]
+        self.ids = torch.empty(len(self.rows), max_new_tokens, dtype=torch.long)  # the mirror, on the host
+        self.queue = torch.full((len(self.rows), 1), -1, device=device)  # ids still to write, left-aligned; -1: none
 
     def write(self, tok, lp):
         """Each row's next queued id, if it has one, in place of its sample."""
         head, self.queue = self.queue[:, 0], F.pad(self.queue[:, 1:], (0, 1), value=-1)
         return torch.where(head >= 0, head, tok), lp.masked_fill(head >= 0, 0.0)
 
-    def listen(self, tokens, tok):
-        """Queue the reply of each row that sampled the trigger; only those rows leave the device, in one copy."""
-        rows = (tok == self.env.trigger).nonzero().squeeze(1).tolist()
+    def listen(self, t, tok):
+        """Mirror step t's ids; queue the reply of each row that sampled the trigger, in one copy to the device."""
+        self.ids[:, t] = tok.cpu()
+        rows = (self.ids[:, t] == self.env.trigger).nonzero().squeeze(1).tolist()
         if rows:
-            so_far = torch.stack(tokens, 1)[rows].tolist()
-            replies = [self.env.reply(list(self.prompts[r // self.samples]) + row) for r, row in zip(rows, so_far)]
+            replies = [self.rows[r].reply(ids) for r, ids in zip(rows, self.ids[rows, :t + 1].tolist())]
             width = max(self.queue.size(1), max(map(len, replies)))
             self.queue = F.pad(self.queue, (0, width - self.queue.size(1)), value=-1)
             queued = torch.tensor([reply + [-1] * (width - len(reply)) for reply in replies])

@@ -85,9 +85,7 @@ def estimate_success(meta_prover, problems: list, contexts: list[list[int]], n_r
     Identical pairs are estimated once, and all rollouts of all contexts go to μ as one batch (the n rollouts of one
     context share its prefill in the KV cache), shortest contexts first.
     """
-    unique = {}
-    for p, c in zip(problems, contexts):
-        unique.setdefault((p, tuple(c)), (p, c))
+    unique = {(p, tuple(c)): (p, c) for p, c in zip(problems, contexts)}  # each identical pair once
     unique = dict(sorted(unique.items(), key=lambda kv: len(kv[1][1])))  # by length: a batch pads to its longest
     pairs = list(unique.values())
     rewards = meta_prover([p for p, _ in pairs], [c for _, c in pairs], n_rollouts)

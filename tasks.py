@@ -143,10 +143,6 @@ class NumberTask:
         """The state before any step."""
         return self.arrange(problem[0])
 
-    def is_solved(self, state: tuple, problem) -> bool:
-        """One number is left and it is the target."""
-        return state == (problem[1],)
-
     # The solver's caches are bounded (least recently used entries go): with 4 numbers they would grow past 10^6.
     @functools.lru_cache(maxsize=2 ** 18)
     def successors(self, state: tuple) -> tuple:
@@ -210,9 +206,8 @@ class Countdown(NumberTask):
 
     def moves(self, state: tuple) -> list[str]:
         """Larger number first, each pair of positions once."""
-        steps = {f"{a}{op}{b}={c}" for b, a in itertools.combinations(state, 2)  # b <= a: the state is sorted
-                 for op in OPERATIONS if (c := calculate(a, op, b)) is not None}
-        return sorted(steps)
+        return sorted({f"{a}{op}{b}={c}" for b, a in itertools.combinations(state, 2)  # b <= a: the state is sorted
+                       for op in OPERATIONS if (c := calculate(a, op, b)) is not None})
 
 
 @dataclass(frozen=True)
@@ -301,8 +296,7 @@ def valid_prefix(task, problem, lines) -> int:
 
 def is_correct(task, problem, lines) -> bool:
     """Every step legal and correct, each number used as available, and the last number equals the target."""
-    state = run_steps(task, problem, lines)
-    return state is not None and task.is_solved(state, problem)
+    return run_steps(task, problem, lines) == (problem[1],)
 
 
 def verify(task, problem, completion: str) -> int:
@@ -365,16 +359,30 @@ def environment_mask(task, completion: list[int]) -> list[bool]:
 
 @dataclass(frozen=True)
 class Environment:
-    """The environment as the sampler calls it (`model.EnvironmentHook`): its reply to each `=` a row samples."""
+    """The environment as the sampler calls it (`model.EnvironmentHook`): it follows each row and answers its `=`."""
     task: NumberTask
     trigger = EQUALS_ID
 
-    def reply(self, row: list[int]) -> list[int]:
-        """row: the prompt and the completion so far, without pads."""
-        prompt, _, completion = decode(row).partition("\n")
+    def follow(self, context: list[int]) -> "FollowedRow":
+        """A row that starts from `context`: the prompt, and maybe the start of a completion."""
+        prompt, _, completion = decode(context).partition("\n")
         numbers, _, target = prompt.removeprefix(BOS).partition(":")
-        problem = self.task.arrange(map(int, numbers.split())), int(target)
-        return encode(environment_reply(self.task, problem, completion))
+        return FollowedRow(self.task, (self.task.arrange(map(int, numbers.split())), int(target)), completion)
+
+
+@dataclass
+class FollowedRow:
+    """One row as the environment sees it on the host: its problem, and its completion's text as far as it has read."""
+    task: NumberTask
+    problem: tuple
+    text: str
+    read: int = 0  # how many of the sampled ids `text` holds
+
+    def reply(self, ids: list[int]) -> list[int]:
+        """The reply to the `=` that ends `ids`, the ids sampled so far (replies included): only the ids it has not
+        read are decoded, not the whole row again."""
+        self.text, self.read = self.text + decode(ids[self.read:]), len(ids)
+        return TOKENIZER.encode(environment_reply(self.task, self.problem, self.text), allowed_special="all")
 
 
 def environment(task):

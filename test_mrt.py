@@ -126,6 +126,17 @@ def test_environment_writes_results_and_the_verdict_of_the_last_step():
     assert tasks.environment(Countdown(3, 10, 100, calculator=False)) is None
 
 
+def test_the_environment_follows_a_row_from_its_context_reading_each_id_once():
+    row = tasks.environment(TASK).follow(encode(TASK.prompt(PROBLEM) + "9-7=2\n"))  # a context with a step in it
+    sampled = encode("2*3=")
+    assert decode(row.reply(sampled)) == "6\n" + tasks.MISSED  # the context's step counts: two steps, 6
+    sampled += encode("6\n" + tasks.MISSED + BACKTRACK + "0\n9*3=")  # its reply, then a new attempt
+    assert decode(row.reply(sampled)) == "27\n"
+    sampled += encode("27\n27-7=")
+    assert decode(row.reply(sampled)) == "20\n" + tasks.REACHED
+    assert row.text == "9-7=2\n" + decode(sampled)  # each id read once
+
+
 def test_environment_mask_marks_what_the_environment_wrote():
     text = "9-7=2\n2*3=6\n" + tasks.MISSED + BACKTRACK + "0\n9*3=27\n"
     mask = tasks.environment_mask(TASK, encode(text))

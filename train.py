@@ -456,8 +456,7 @@ def check_config(cfg: Config):
     for broken, message in rules:
         if broken:
             raise UserError(message)
-    task = make_task(cfg)
-    room = task.room(cfg.block_size)
+    room = make_task(cfg).room(cfg.block_size)
     if cfg.train_room > room:
         lower = f"lower --train-room to {room} or " if room >= 1 else ""
         raise UserError(f"--train-room ({cfg.train_room}) must leave room in --block-size ({cfg.block_size}) for the "
@@ -529,9 +528,7 @@ STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
              "practice_per_problem", "model_only", "no_env_loss"],
     "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "train_room", "restart"],
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
-    "mrt": ["alpha", "mc_rollouts"],
-    "mrt_verdict": ["alpha"],
-    "mrt_prefix": ["alpha"],
+    "mrt": ["alpha", "mc_rollouts"], "mrt_verdict": ["alpha"], "mrt_prefix": ["alpha"],
 }
 
 
