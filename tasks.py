@@ -70,7 +70,7 @@ OPERATIONS = {  # a op b, or None where the result would not be a positive integ
     "+": lambda a, b: a + b,
     "-": lambda a, b: a - b if a > b else None,
     "*": lambda a, b: a * b,
-    "/": lambda a, b: a // b if a % b == 0 else None,
+    "/": lambda a, b: a // b if b and a % b == 0 else None,
 }
 
 

@@ -88,6 +88,7 @@ def test_parser_and_verifier_never_raise_on_random_token_streams():
         text = decode(ids)
         parse_output(text)
         assert verify(TASK, PROBLEM, text) in (0, 1)
+    assert verify(TASK, PROBLEM, ANSWER + "9/0=1\n" + EOS) == 0  # a division by zero is a wrong step, not a crash
 
 
 def test_random_play_is_legal_to_the_end():
