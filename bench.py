@@ -118,7 +118,8 @@ def bench_environment(cfg, device, out_dir, problems=128) -> dict:
 
 def environment_share(sample, device) -> float:
     """Share of a sampling call's wall time spent in the environment's host-side Python (`EnvironmentHook.listen`:
-    decode rows, compute results and verdicts, queue replies), the GPU's queue drained before each step."""
+    mirror the step's ids, decode each row's new ids, compute results and verdicts, queue replies), the GPU's queue
+    drained before each step."""
     spent, real = [], model.EnvironmentHook.listen
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 

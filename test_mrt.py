@@ -136,6 +136,10 @@ def test_the_environment_follows_a_row_from_its_context_reading_each_id_once():
     sampled += encode("27\n27-7=")
     assert decode(row.reply(sampled)) == "20\n" + tasks.REACHED
     assert row.text == "9-7=2\n" + decode(sampled)  # each id read once
+    problems = [PROBLEM, ((1, 4, 5), 20)]
+    hook = model_module.EnvironmentHook(tasks.environment(TASK), [encode(TASK.prompt(p)) for p in problems], 3, 8,
+                                        "cpu")
+    assert [r.problem for r in hook.rows] == [p for p in problems for _ in range(3)]  # row i*3 + s: problem i
 
 
 def test_environment_mask_marks_what_the_environment_wrote():
@@ -153,17 +157,20 @@ def test_sft_puts_loss_on_the_environments_tokens_unless_told_not_to():
     assert targets(env_loss=False) == "9*3=27-7=" + ANSWER + "9*3=27-7=" + EOS  # --no-env-loss
 
 
-def test_sampler_writes_the_environments_tokens_where_they_belong_and_never_samples_them():
+@pytest.mark.parametrize("first_step", [False, True])  # contexts: the prompts, or prompts with a step already in them
+def test_sampler_writes_the_environments_tokens_where_they_belong_and_never_samples_them(first_step):
     problems = tasks.make_split(TASK, 10, 8, seed=0)[1]
-    _, completions = mrt.sample_completions(tiny_model(block_size=128), TASK, problems, 60,
-                                            torch.Generator().manual_seed(0), samples=8)
+    before = {p: TASK.moves(TASK.start(p))[0] + "\n" if first_step else "" for p in problems}
+    contexts = [encode(TASK.prompt(p) + before[p]) for p in problems]
+    completions = mrt.complete(tiny_model(block_size=128), contexts, 60, torch.Generator().manual_seed(0), samples=8,
+                               env=tasks.environment(TASK))
     replies = 0
     for p, c in zip([p for p in problems for _ in range(8)], completions):
         text = [decode([t]) for t in c]
         mask = tasks.environment_mask(TASK, c)
         for i, tok in enumerate(c):
             if tok == tasks.EQUALS_ID and not mask[i]:  # the model wrote `=`: the environment's reply follows
-                reply = tasks.environment_reply(TASK, p, "".join(text[:i + 1]))
+                reply = tasks.environment_reply(TASK, p, before[p] + "".join(text[:i + 1]))
                 assert "".join(text[i + 1:i + 1 + len(encode(reply))]) == reply[:len("".join(text[i + 1:]))]
                 replies += 1
             if tok in tasks.VERDICT_IDS:
