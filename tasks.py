@@ -366,8 +366,7 @@ class Environment:
     def follow(self, context: list[int]) -> "FollowedRow":
         """A row that starts from `context`: the prompt, and maybe the start of a completion."""
         prompt, _, completion = decode(context).partition("\n")
-        numbers, _, target = prompt.removeprefix(BOS).partition(":")
-        return FollowedRow(self.task, (self.task.arrange(map(int, numbers.split())), int(target)), completion)
+        return FollowedRow(self.task, self.task.parse_problem(prompt.removeprefix(BOS)), completion)
 
 
 @dataclass
@@ -382,6 +381,7 @@ class FollowedRow:
         """The reply to the `=` that ends `ids`, the ids sampled so far (replies included): only the ids it has not
         read are decoded, not the whole row again."""
         self.text, self.read = self.text + decode(ids[self.read:]), len(ids)
+        # The environment writes digits, newlines and verdicts only: `encode`'s alphabet check is not needed here.
         return TOKENIZER.encode(environment_reply(self.task, self.problem, self.text), allowed_special="all")
 
 
