@@ -18,6 +18,7 @@ from model import autocast
 
 PASS_K = (1, 2, 4, 8)  # pass@k for these k (those up to --eval-streams)
 MAX_VOTE = 8  # majority votes of n = 1..MAX_VOTE streams
+LATER = 4  # the anatomy of later attempts tells z_1, z_2, z_3 apart and pools z_4 and after
 RATES = ["backtrack_after_wrong_first", "backtrack_after_right_first", "wrong_first_ending_on_target"]
 COMPARED = ["accuracy", "first_attempt_accuracy", "thinking_tokens", "regret", "budget_accuracy", "budget_regret"]
 
@@ -36,7 +37,7 @@ def evaluate(model, task, problems, cfg, device) -> dict:
     meta = mrt.MetaProver(model, task, generator=torch.Generator(device).manual_seed(cfg.seed + 54321))
     m, v, P = cfg.eval_streams, cfg.value_streams, len(problems)
     longest = task.room(cfg.block_size, problems)
-    budgets = list(range(0, longest + 1, cfg.budget_step))
+    budgets = sorted({*range(0, longest, cfg.budget_step), longest})  # the room itself last
     with autocast(device):
         prompts, completions = mrt.sample_completions(model, task, problems, longest, gen, samples=m,
                                                       max_rows=meta.max_rows)  # as many rows a call as μ
@@ -49,6 +50,7 @@ def evaluate(model, task, problems, cfg, device) -> dict:
     parsed = [score_stream(task, problems[i // m], c) for i, c in enumerate(completions)]
     column = lambda key: np.array([s[key] for s in parsed], dtype=float).reshape(P, m)
     right, first_right, backtracked = column("right"), column("first_right"), column("backtracked")
+    bonus_rows = [episode_bonuses(task, eps, J) for eps, J in zip(episodes, values)]
     per_value_stream = lambda rows: np.array(rows).reshape(P, v, -1).mean(1).tolist()
     pooled = lambda flags, among: [int((flags * among).sum()), int(among.sum())]  # [count, out of]
     return {
@@ -56,6 +58,9 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         "successes": right.sum(1).astype(int).tolist(),  # right streams of m: accuracy and pass@k
         "first_right": first_right.sum(1).astype(int).tolist(),  # streams whose first attempt z_0 solves it
         "thinking_tokens": column("tokens").mean(1).tolist(),
+        "first_attempt_tokens": column("first_tokens").mean(1).tolist(),  # what a restart costs
+        "later_attempts": later_attempt_counts(parsed, m).tolist(),  # the anatomy of the search after z_0 (see `attempt_anatomy`)
+        "unanswered": (1 - column("answered")).sum(1).astype(int).tolist(),  # streams that never reach <|answer|>
         "episodes": column("episodes").mean(1).tolist(),
         "J": per_value_stream(values),  # J[p][j] = J(μ | x, z_{0:j-1}); J[p][0] = J(μ | x)
         "budget_accuracy": per_value_stream(forced),  # [p][b]: μ forced to answer after budgets[b] thinking tokens
@@ -66,10 +71,7 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         "backtrack_after_right_first": pooled(backtracked, first_right),
         # A wrong z_0 whose last line still ends on the target *looks* solved: the model cannot see that it failed.
         "wrong_first_ending_on_target": pooled(column("ends_on_target"), 1 - first_right),
-        # Per problem: of the streams that backtracked after a wrong z_0, [how many ended right, how many there were].
-        "after_backtrack": np.stack([(right * backtracked * (1 - first_right)).sum(1),
-                                     (backtracked * (1 - first_right)).sum(1)], 1).astype(int).tolist(),
-        "episode_bonuses": [row for eps, J in zip(episodes, values) for row in episode_bonuses(task, eps, J)],
+        "episode_bonuses": [[row for i in range(v) for row in bonus_rows[p * v + i]] for p in range(P)],
     }
 
 
@@ -104,31 +106,63 @@ def episode_bonuses(task, episodes, J) -> list:
             for j, bonus in zip(range(len(episodes)), mrt.progress_bonus(J))]
 
 
-def bonus_measures(evals: list[dict]) -> dict:
-    """Pooled over streams and seeds: corr(r_prg, 1[reached]) and the mean bonus of each kind of episode."""
-    rows = np.array([r for e in evals for r in e["episode_bonuses"]], dtype=float).reshape(-1, 4)
-    j, bonus, verdict, repeat = rows.T
+def bonus_measures(evals: list[dict], seed: int = 0) -> dict:
+    """Pooled over streams and seeds: corr(r_prg, 1[reached]) and the mean bonus of each kind of episode, with a 95%
+    bootstrap interval that redraws test problems (a problem's episodes go together: they are not independent)."""
+    rows = np.array([[p, *r] for e in evals for p, rs in enumerate(e["episode_bonuses"]) for r in rs],
+                    dtype=float).reshape(-1, 5)
+    problem, j, bonus, verdict, repeat = rows.T
     reached, missed, later = verdict == 1, verdict == 0, j > 0
     kinds = {"missed z_0": ~later & missed, "reached z_0": ~later & reached, "later reached": later & reached,
              "later missed, new": later & missed & (repeat == 0), "later missed, repeat": later & missed & (repeat == 1),
              "unfinished": verdict == -1}
     corr = float(np.corrcoef(bonus, reached)[0, 1]) if len(rows) > 1 and bonus.std() and reached.std() else None
-    return {"corr_with_reached": corr,
-            **{k: {"mean": float(bonus[w].mean()) if w.any() else None, "n": int(w.sum())} for k, w in kinds.items()}}
+    P = len(evals[0]["episode_bonuses"])
+    per_problem = lambda w, x: np.bincount(problem[w].astype(int), x[w], minlength=P)  # (P,) sums over a kind
+    return {"corr_with_reached": corr, **{k: {"n": int(w.sum()), **ratio_interval(per_problem(w, bonus),
+                                                                                  per_problem(w, np.ones_like(bonus)),
+                                                                                  seed)} for k, w in kinds.items()}}
+
+
+def ratio_interval(sums: np.ndarray, counts: np.ndarray, seed: int = 0, n_boot: int = 2000) -> dict:
+    """Σ sums / Σ counts over problems (a mean pooled over a varying number of items per problem), with a 95%
+    percentile bootstrap interval that redraws the problems; None where there are no items."""
+    if not counts.sum():
+        return {"mean": None, "low": None, "high": None}
+    weights = np.random.default_rng(seed).multinomial(len(sums), np.full(len(sums), 1 / len(sums)), size=n_boot)
+    replicates = (weights @ sums)[weights @ counts > 0] / (weights @ counts)[weights @ counts > 0]
+    low, high = np.percentile(replicates, [2.5, 97.5])
+    return {"mean": float(sums.sum() / counts.sum()), "low": float(low), "high": float(high)}
 
 
 def score_stream(task, problem, completion) -> dict:
-    """What one sampled stream did: right or not, its first attempt, its length, and its answer as a computation."""
+    """What one sampled stream did: right or not, its first attempt, its length, its answer as a computation, and
+    each later attempt the environment checked (a whole attempt, n−1 steps): [its index j, right, 1[z_j repeats an
+    earlier attempt of the stream]]."""
     thinking, text = mrt.split_completion(completion)[0], tasks.decode(completion)
     parsed = tasks.parse_output(text)
-    first = parsed.attempts[0]
+    first, episodes = parsed.attempts[0], mrt.split_episodes(thinking)
     last_step = tasks.parse_step(first[-1]) if first else None
+    keys = [tasks.answer_key(task, a) for a in parsed.attempts]
     return {"right": tasks.verify(task, problem, text),
             "first_right": tasks.is_correct(task, problem, first),
-            "tokens": len(thinking), "episodes": len(mrt.split_episodes(thinking)),
+            "tokens": len(thinking), "episodes": len(episodes), "first_tokens": len(episodes[0]) if episodes else 0,
+            "later": [(j, tasks.is_correct(task, problem, a), keys[j] in keys[:j])
+                      for j, a in enumerate(parsed.attempts) if j and len(a) == task.n_numbers - 1],
+            "answered": parsed.answer is not None,
             "backtracked": tasks.BACKTRACK_ID in thinking,
             "ends_on_target": last_step is not None and last_step[3] == problem[1],
             "key": tasks.answer_key(task, parsed.answer) if parsed.answer else None}
+
+
+def later_attempt_counts(scored: list[dict], m: int) -> np.ndarray:
+    """(P, 3, LATER): of each problem's later attempts (its m scored streams in a row), [how many, how many right,
+    how many repeats] by index, z_1, z_2, ..., the last column pooling z_LATER and after."""
+    counts = np.zeros((len(scored) // m, 3, LATER), dtype=int)
+    for i, s in enumerate(scored):
+        for j, right, repeat in s["later"]:
+            counts[i // m, :, min(j, LATER) - 1] += (1, right, repeat)
+    return counts
 
 
 def majority_vote(keys: list, right, n: int) -> float:
@@ -139,6 +173,14 @@ def majority_vote(keys: list, right, n: int) -> float:
     groups = [range(g * n, (g + 1) * n) for g in range(len(keys) // n)]
     wins = [Counter(keys[i] for i in g if keys[i] is not None).most_common(1) for g in groups]
     return sum(bool(w) and bool(right[keys.index(w[0][0])]) for w in wins) / len(groups)
+
+
+def restart_accuracy(first_right: int, m: int, first_tokens: float, budgets: list) -> list[float]:
+    """Restarts checked by the environment, the parallel comparator of a sequential search at equal thinking tokens:
+    at each budget B, pass@k of the problem's m first attempts z_0 (`first_right` of them reached), k = ⌊B / their
+    mean tokens⌋ (at most m). No answer is forced after B (below one attempt it scores 0); at the room, it may think
+    in the tokens a stream keeps for its answer."""
+    return [pass_at_k(m, first_right, min(m, int(B // max(first_tokens, 1)))) for B in budgets]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -164,6 +206,8 @@ def measures(evals: list[dict]) -> dict:
         "regret": np.apply_along_axis(mrt.cumulative_regret, -1, J),  # [..., k-1]: Δ_k, J(π*) = 1
         "budget_accuracy": forced,
         "budget_regret": (1 - forced).sum(-1),  # Σ_B (J(π*) − accuracy at B) over the budget grid
+        "restarts": np.array([[restart_accuracy(int(c), m, t, e["budgets"]) for c, t in
+                               zip(e["first_right"], e["first_attempt_tokens"])] for e in evals]),  # [..., b]
     }
 
 
@@ -191,6 +235,10 @@ def report(evals: dict, seed: int) -> dict:
     per_model = {name: measures(e) for name, e in evals.items()}
     summary = {name: {k: bootstrap(x, seed) for k, x in ms.items()} for name, ms in per_model.items()}
     arms = [name for name in evals if name not in ("base", "warm")]
+    restarts = per_model["base"]["restarts"]  # (1, P, budgets): the base model's restarts, against every model
+    versus_restarts = {name: {"accuracy": bootstrap(ms["accuracy"] - restarts[..., -1], seed),  # at the room
+                              "budget_accuracy": bootstrap(ms["budget_accuracy"] - restarts, seed)}
+                       for name, ms in per_model.items()}
     pairs = [(a, b) for i, b in enumerate(arms) for a in arms[i + 1:]] + [(a, ref) for ref in ("base", "warm")
                                                                           for a in arms]  # "warm": what RL adds
     paired = {f"{a} - {b}": {k: bootstrap(per_model[a][k] - per_model[b][k], seed) for k in COMPARED}
@@ -203,23 +251,31 @@ def report(evals: dict, seed: int) -> dict:
     budgets = evals["base"][0]["budgets"]
     reach = lambda target: {"target": target, **{name: tokens_to_reach(budgets, s["budget_accuracy"]["mean"], target)
                                                  for name, s in summary.items()}}
-    return {"budgets": budgets, "summary": summary, "paired": paired,
+    return {"budgets": budgets, "summary": summary, "paired": paired, "versus_base_restarts": versus_restarts,
             "backtrack_rates": {name: {k: pooled_rate(e, k) for k in RATES} for name, e in evals.items()},
-            "after_backtrack": {name: after_backtrack(e, evals["base"][0]) for name, e in evals.items()},
-            "progress_bonus": {name: bonus_measures(e) for name, e in evals.items()},
+            "later_attempts": {name: attempt_anatomy(e, evals["base"][0]) for name, e in evals.items()},
+            "progress_bonus": {name: bonus_measures(e, seed) for name, e in evals.items()},
             "tokens_to_reach_base_accuracy": reach(summary["base"]["budget_accuracy"]["mean"][-1]),
             "tokens_to_reach_outcome_accuracy": reach(summary["outcome"]["budget_accuracy"]["mean"][-1])
             if "outcome" in summary else {"target": None}, "per_problem": evals}
 
 
-def after_backtrack(evals: list[dict], base: dict) -> dict:
-    """Streams that backtracked after a wrong first attempt: how often they end right, against the base model's
-    accuracy (pass@1) on the same problems, each problem weighted by how many such streams it had."""
-    counts = np.sum([e["after_backtrack"] for e in evals], axis=0)  # (P, 2): [ended right, backtracked]
-    base_accuracy = np.array(base["successes"]) / base["streams"]
-    n = int(counts[:, 1].sum())
-    return {"streams": n, "accuracy": counts[:, 0].sum() / max(1, n),
-            "base_accuracy_same_problems": float(base_accuracy @ counts[:, 1]) / max(1, n)}
+def attempt_anatomy(evals: list[dict], base: dict) -> dict:
+    """What the search does after its first attempt, pooled over streams and seeds: later attempts per stream; how
+    often a later attempt the environment checked reaches, overall and by its index j (z_1, z_2, z_3, z_4 and after),
+    against the base model's first-attempt success on the same problems (each problem weighted by its later
+    attempts); the share of later attempts that repeat an earlier one of their stream; streams that never answer."""
+    attempts, right, repeats = np.sum([e["later_attempts"] for e in evals], axis=0).transpose(1, 0, 2)  # (P, LATER)
+    base_first = np.array(base["first_right"]) / base["streams"]  # (P,)
+    streams = len(evals) * evals[0]["streams"] * len(base_first)
+    share = lambda count, total: float(count / total) if total else None
+    return {"per_stream": float(attempts.sum() / streams), "success": share(right.sum(), attempts.sum()),
+            "base_first_attempt": share(base_first @ attempts.sum(1), attempts.sum()),
+            "by_index": [{"n": int(attempts[:, j].sum()), "success": share(right[:, j].sum(), attempts[:, j].sum()),
+                          "base_first_attempt": share(base_first @ attempts[:, j], attempts[:, j].sum())}
+                         for j in range(LATER)],
+            "repeats": share(repeats.sum(), attempts.sum()),
+            "never_answer": float(np.sum([e["unanswered"] for e in evals]) / streams)}
 
 
 def pooled_rate(evals: list[dict], key: str) -> float:
@@ -279,18 +335,18 @@ def print_table(results: dict, cfg):
     summary, budgets, K = results["summary"], results["budgets"], cfg.max_episodes
     shown = [i for i, b in enumerate(budgets) if b in (0, 8, 16, 32) or i == len(budgets) - 1]
     ks = [k for k in PASS_K if f"pass@{k}" in summary["base"]]
-    n_vote = len(summary["base"]["majority_vote"]["mean"])
     print(f"\n{'model':<11}{'accuracy':>24}{'first attempt':>24}{'tokens':>7}{'episodes':>9}{'backtracks w/r':>16}"
-          + "".join(f"{'pass@' + str(k):>8}" for k in ks[1:]) + f"{'vote@' + str(n_vote):>8}")
+          + "".join(f"{'pass@' + str(k):>8}" for k in ks[1:]) + f"{'vote@' + str(min(MAX_VOTE, cfg.eval_streams)):>8}{'restarts':>9}")
     for name, s in summary.items():
         rates = results["backtrack_rates"][name]
         print(f"{name:<11}{cell(s['accuracy'], star=False):>24}{cell(s['first_attempt_accuracy'], star=False):>24}"
               f"{s['thinking_tokens']['mean']:>7.1f}{s['episodes']['mean']:>9.2f}"
               f"{rates['backtrack_after_wrong_first']:>9.0%} /{rates['backtrack_after_right_first']:>4.0%}"
               + "".join(f"{s['pass@' + str(k)]['mean']:>8.3f}" for k in ks[1:])
-              + f"{s['majority_vote']['mean'][-1]:>8.3f}")
+              + f"{s['majority_vote']['mean'][-1]:>8.3f}{s['restarts']['mean'][-1]:>9.3f}")
     print(f"(test problems: {results['test_problems']}, {cfg.eval_streams} streams each; RL seeds: {cfg.rl_seeds}; "
-          f"95% bootstrap intervals over problems and seeds; μ on {cfg.value_streams} streams per problem)")
+          f"95% bootstrap intervals over problems and seeds; μ on {cfg.value_streams} streams per problem; "
+          f"restarts: the model's own first attempts, as many as fit in the room, checked by the environment)")
     rows = [("accuracy", "accuracy", None, 3), ("first-attempt accuracy", "first_attempt_accuracy", None, 3),
             ("thinking tokens", "thinking_tokens", None, 1), (f"regret Δ_{K}", "regret", K - 1, 2),
             ("Σ_B regret (budget grid)", "budget_regret", None, 2)]
@@ -304,16 +360,24 @@ def print_table(results: dict, cfg):
     for pair, d in pairs:
         print(f"  {pair:<24}" + " ".join(f"{x:+.3f}" for x in d["accuracy_per_seed"]))
     print("(* the interval excludes 0: only there is a difference claimed; Δ and Σ_B regret against J(π*) = 1)")
-    print("streams that backtracked after a wrong first attempt, how often they end right (the base model's accuracy "
-          "on the same problems):")
-    for name, a in results["after_backtrack"].items():
-        print(f"  {name:<11}{a['accuracy']:.3f} of {a['streams']:>5} streams  ({a['base_accuracy_same_problems']:.3f})")
+    show = lambda x, form=".3f": "n/a" if x is None else format(x, form)
+    print(f"the search against restarts of the base model (its first attempts, as many as fit in B thinking tokens, "
+          f"checked by the environment): accuracy − restarts at the room ({budgets[-1]}); budget-forced at B =")
+    for name, v in results["versus_base_restarts"].items():
+        print(f"  {name:<11}{cell(v['accuracy'])}" + "".join(f"  {budgets[i]}: {cell(v['budget_accuracy'], i)}"
+                                                            for i, b in enumerate(budgets) if b in (16, 32, 48, 64)))
+    print("later attempts the environment checked: per stream, success (the base model's first attempt on the same "
+          "problems), the same for z_1, z_2, z_3, z_4+; repeats of an earlier attempt; streams that never answer:")
+    for name, a in results["later_attempts"].items():
+        versus_base = lambda x: f"{show(x['success'])} ({show(x['base_first_attempt'])})"
+        print(f"  {name:<11}{a['per_stream']:.2f}  {versus_base(a)}  " + "  ".join(map(versus_base, a["by_index"]))
+              + f"  repeats {show(a['repeats'], '.1%')}  never answer {a['never_answer']:.1%}")
     print("μ's progress bonus r_prg per episode (value streams): correlation with 1[the episode reached the target]; "
-          "mean bonus (count) by kind of episode:")
-    show = lambda x, form: "n/a" if x is None else format(x, form)
+          "mean bonus [95% interval over problems] (count) by kind of episode:")
     for name, b in results["progress_bonus"].items():
         print(f"  {name:<11}corr {show(b['corr_with_reached'], '.2f'):>5}  " + "  ".join(
-            f"{k} {show(v['mean'], '+.3f')} ({v['n']})" for k, v in b.items() if k != "corr_with_reached"))
+            f"{k} {show(v['mean'], '+.3f')} [{show(v['low'], '+.3f')}, {show(v['high'], '+.3f')}] ({v['n']})"
+            for k, v in b.items() if k != "corr_with_reached"))
     for arm, curve in results.get("learning_curve", {}).items():
         print(f"held-out accuracy during RL, {arm:<11}" + "  ".join(f"step {s}: {a:.3f}" for s, a in
                                                                  zip(curve["steps"], curve["accuracy"])))
@@ -343,9 +407,8 @@ def plot(results: dict, out_dir: str):
     base = results["summary"]["base"]
     tokens, votes = base["thinking_tokens"]["mean"], base["majority_vote"]["mean"]
     ax1.plot([n * tokens for n in range(1, len(votes) + 1)], votes, "k--", marker=".", label="base, majority vote of n")
-    ks = [k for k in PASS_K if f"pass@{k}" in base]
-    ax1.plot([k * tokens for k in ks], [base[f"pass@{k}"]["mean"] for k in ks], "k:", marker="x",
-             label="base, pass@k (k streams)")
+    ax1.plot(results["budgets"], base["restarts"]["mean"], "k:", marker="x",
+             label="base, restarts checked by the environment")
     ax1.axvline(results["config"]["train_room"], color="gray", ls=":", lw=1, label="RL room (--train-room)")
     ax1.set(xlabel="thinking tokens", ylabel="accuracy", title="accuracy vs thinking tokens (95% intervals)")
     ax2.set(xlabel="episodes k", ylabel="cumulative regret Δ_k  (J(π*) = 1)", title="cumulative regret",

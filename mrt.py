@@ -284,7 +284,37 @@ def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng, misses=
     good = [s[keep:] for s in rollouts.get(keep, []) if keep >= len(attempt) or s[keep] != attempt[keep]]
     new_steps = good[0] if good else rng.choice(other_solutions(task, problem, attempt, keep))[keep:]
     retries = (misses or {}).get(keep, [])
-    return tasks.Trace(problem, attempt, keep, new_steps, retries[0] if retries and rng.random() < 0.5 else None)
+    return tasks.Trace(problem, attempt, keep, new_steps, tuple(retries[:1]) if retries and rng.random() < 0.5 else ())
+
+
+def build_search_traces(model, task, problems, n_samples: int, max_new_tokens: int, generator, rng,
+                        max_misses: int = 4) -> list[tasks.Trace]:
+    """Traces of a search that never repeats: the base model's own first attempts at a problem (n_samples drawn),
+    in the order it drew them, repeats and attempts with an illegal step left out, up to the first that reaches (or,
+    after `max_misses` misses, a solver's solution that none of them is). Every attempt after z_0 is learned, the
+    misses too: the model learns to draw its next attempt as the base model would, from what it has not yet tried."""
+    _, firsts = sample_completions(model, task, problems, max_new_tokens, generator, samples=n_samples)
+    traces = []
+    for i, problem in enumerate(problems):
+        tried, misses, solved = set(), [], None
+        for comp in firsts[i * n_samples:(i + 1) * n_samples]:
+            attempt = tasks.parse_output(tasks.decode(comp)).attempts[0]
+            key = tasks.answer_key(task, attempt)
+            if key in tried or len(attempt) != task.n_numbers - 1 or tasks.run_steps(task, problem, attempt) is None:
+                continue
+            tried.add(key)
+            if tasks.is_correct(task, problem, attempt):
+                solved = attempt
+                break
+            misses.append(attempt)
+            if len(misses) == max_misses:
+                break
+        if solved is None:
+            solutions = task.solutions(task.start(problem), problem[1])
+            solved = rng.choice([s for s in solutions if tasks.answer_key(task, s) not in tried])
+        traces.append(tasks.Trace(problem, misses[0], 0, solved, tuple(misses[1:]), learn_retries=True) if misses
+                      else tasks.Trace(problem, solved))
+    return traces
 
 
 # ----------------------------------------------------------------------------- one RL step of each arm

@@ -416,21 +416,24 @@ def base_examples(task, problems, solutions_per_problem: int, cut_prob: float, p
 
 @dataclass
 class Trace:
-    """One warm-start example: a first attempt z_0 and, if it failed, where to backtrack, sometimes a retry that
-    fails too (backtracked from in the same way), and the new attempt that solves the problem."""
+    """One warm-start example: a first attempt z_0 and, if it failed, where to backtrack, the failed retries if any
+    (each backtracked from in the same way), and the new attempt that solves the problem."""
     problem: tuple
     first_attempt: list  # z_0's steps
     keep: int | None = None  # steps of z_0 each backtrack keeps (None: z_0 was right, no backtrack)
     new_steps: list | None = None  # the solving attempt's steps (after the kept prefix)
-    retry: list | None = None  # a failed retry's steps (kept prefix included), or None
+    retries: tuple = ()  # failed retries' steps (kept prefix included), in order
+    learn_retries: bool = False  # learn the failed retries too (a search to imitate), not only the backtracks
 
     def pieces(self, task) -> list[tuple[str, bool]]:
-        """The SFT example as (text, learn) pieces: the loss skips the failed attempts (not something to imitate)
-        but learns every backtrack. A backtrack line opens the episode of the attempt after it."""
+        """The SFT example as (text, learn) pieces: the loss skips z_0 and, unless `learn_retries`, the retries (a
+        failure is not something to imitate) but learns every backtrack. A backtrack line opens the episode of the
+        attempt after it."""
         first = attempt_text(task, self.problem, self.first_attempt)
         if self.keep is None:
             return [(first + ANSWER + steps_text(self.first_attempt) + EOS, True)]
         back, steps = f"{BACKTRACK}{self.keep}\n", self.first_attempt[:self.keep] + self.new_steps
-        retry = [(back, True), (attempt_text(task, self.problem, self.retry, self.keep), False)] if self.retry else []
+        retries = [(piece, learn) for retry in self.retries for piece, learn in
+                   ((back, True), (attempt_text(task, self.problem, retry, self.keep), self.learn_retries))]
         solve = back + attempt_text(task, self.problem, steps, self.keep) + ANSWER + steps_text(steps) + EOS
-        return [(first, False), *retry, (solve, True)]
+        return [(first, False), *retries, (solve, True)]

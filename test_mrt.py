@@ -432,7 +432,8 @@ def test_warmstart_trace_backtracks_to_the_best_step_and_verifies():
 
 
 def test_a_trace_with_a_failed_retry_learns_both_backtracks_and_neither_failure():
-    trace = tasks.Trace(PROBLEM, ["9-7=2", "3*2=6"], keep=0, new_steps=["9*3=27", "27-7=20"], retry=["9+7=16", "16+3=19"])
+    trace = tasks.Trace(PROBLEM, ["9-7=2", "3*2=6"], keep=0, new_steps=["9*3=27", "27-7=20"],
+                        retries=(["9+7=16", "16+3=19"],))
     back = BACKTRACK + "0\n"
     assert trace.pieces(TASK) == [("9-7=2\n3*2=6\n" + tasks.MISSED, False), (back, True),
                                   ("9+7=16\n16+3=19\n" + tasks.MISSED, False),
@@ -457,10 +458,31 @@ def test_warmstart_builder_with_a_model_makes_valid_traces():
         if t.keep is not None:
             attempts = parse_output(text).attempts
             z0, last = attempts[0], attempts[-1]
-            assert len(attempts) == 2 + (t.retry is not None)
+            assert len(attempts) == 2 + len(t.retries)
             assert text.count(tasks.MISSED) == sum(len(a) == 2 for a in attempts[:-1])  # whole attempts get a verdict
             assert z0[:t.keep] == last[:t.keep] and (t.keep >= len(z0) or z0[t.keep] != last[t.keep])
-    assert any(t.retry for t in traces)  # some traces miss twice before they solve it
+    assert any(t.retries for t in traces)  # some traces miss twice before they solve it
+
+
+def test_search_traces_try_only_new_legal_attempts_and_learn_every_attempt_after_the_first(monkeypatch):
+    problems, rng = tasks.make_split(TASK, 30, 1, seed=0)[0], random.Random(0)
+    def random_first_attempts(model, task, problems, max_new_tokens, generator, samples):  # a base model at random
+        plays = [task.random_play(task.start(p), rng) for p in problems for _ in range(samples)]
+        wrong = lambda steps: steps[:-1] + [steps[-1] + rng.choice(["", "", "1"])]  # some last results wrong
+        return None, [encode(tasks.steps_text(wrong(steps))) for steps in plays]
+    monkeypatch.setattr(mrt, "sample_completions", random_first_attempts)
+    traces = mrt.build_search_traces(None, TASK, problems, 8, 40, None, random.Random(0))
+    assert [t.problem for t in traces] == problems and any(len(t.retries) >= 2 for t in traces)
+    assert any(t.keep is None for t in traces)  # and some first attempts reach
+    for t in traces:
+        pieces = t.pieces(TASK)
+        text = "".join(piece for piece, _ in pieces)
+        attempts = parse_output(text).attempts
+        assert verify(TASK, t.problem, text) == 1 and len(attempts) <= 5  # at most 4 misses, then one that reaches
+        assert all(tasks.run_steps(TASK, t.problem, a) for a in attempts)  # every attempt legal to its end
+        keys = [tasks.answer_key(TASK, a) for a in attempts]
+        assert len(set(keys)) == len(keys)  # never the same attempt twice
+        assert all(learn for _, learn in pieces[1:]) and pieces[0][1] == (t.keep is None)  # all but a missed z_0
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -831,14 +853,54 @@ def test_a_failed_results_write_prints_the_table_first_and_leaves_no_tmp(smoke_r
                         f"--out-dir {tmp_path} or choose another\n")
 
 
+MISS = "1+2=3\n3*3=9\n" + tasks.MISSED  # (1, 2, 3) -> 9, not the target 6
+SEARCH = MISS + BACKTRACK + "0\n" + MISS + BACKTRACK + "0\n2*3=6\n6*1=6\n" + tasks.REACHED  # miss, repeat, reach
+
+
 def test_episode_bonuses_mark_reached_and_repeated_attempts():
-    miss = "1+2=3\n3*3=9\n" + tasks.MISSED  # (1, 2, 3) -> 9, not the target 6
-    stream = encode(miss + BACKTRACK + "0\n" + miss + BACKTRACK + "0\n2*3=6\n6*1=6\n" + tasks.REACHED)
-    rows = evaluation.episode_bonuses(TASK, mrt.split_episodes(stream), [0.25, 0.0, 0.0, 1.0])
+    rows = evaluation.episode_bonuses(TASK, mrt.split_episodes(encode(SEARCH)), [0.25, 0.0, 0.0, 1.0])
     assert rows == [[0, -0.25, 0, 0], [1, 0.0, 0, 1], [2, 1.0, 1, 0]]  # [j, r_prg, verdict, repeat]
     assert evaluation.episode_bonuses(TASK, [encode("1+2=3\n")], [0.5, 0.25])[0][2] == -1  # no verdict: unfinished
-    measures = evaluation.bonus_measures([{"episode_bonuses": rows}])
-    assert measures["later missed, repeat"] == {"mean": 0.0, "n": 1} and measures["reached z_0"]["n"] == 0
+    # Two problems: the second's later missed new attempts earn +0.5 and +0.1, the first's none.
+    new_miss = lambda bonus: [1, bonus, 0, 0]
+    measures = evaluation.bonus_measures([{"episode_bonuses": [rows, [new_miss(0.5), new_miss(0.1)]]}])
+    assert measures["later missed, repeat"] == {"n": 1, "mean": 0.0, "low": 0.0, "high": 0.0}
+    assert measures["reached z_0"] == {"n": 0, "mean": None, "low": None, "high": None}
+    new = measures["later missed, new"]  # a replicate without problem 1 has no such episode: it is left out
+    assert new["n"] == 2 and new["mean"] == pytest.approx(0.3) and new["low"] == new["high"] == pytest.approx(0.3)
+
+
+def test_a_pooled_mean_over_problems_gets_an_interval_that_redraws_problems():
+    # Problem 0: two items summing to 1; problem 1: one item of 0. A replicate draws both (1/3), problem 0
+    # twice (1/2) or problem 1 twice (0).
+    r = evaluation.ratio_interval(np.array([1.0, 0.0]), np.array([2.0, 1.0]), n_boot=4000)
+    assert r["mean"] == pytest.approx(1 / 3) and r["low"] == 0.0 and r["high"] == 0.5
+
+
+def test_restarts_are_pass_at_k_of_the_first_attempts_that_fit_the_budget():
+    # 2 of 4 first attempts reached, 10 tokens each: B = 9 fits none, 25 fits two, 100 all four (at most m).
+    assert evaluation.restart_accuracy(2, 4, 10.0, [0, 9, 10, 25, 100]) == pytest.approx([0, 0, 0.5, 5 / 6, 1])
+
+
+def test_the_anatomy_of_a_search_counts_later_attempts_repeats_and_streams_without_answer():
+    problem = ((1, 2, 3), 6)
+    scored = evaluation.score_stream(TASK, problem, encode(SEARCH + ANSWER + "2*3=6\n6*1=6\n" + EOS))
+    assert scored["later"] == [(1, False, True), (2, True, False)] and scored["answered"] and scored["right"]
+    assert scored["first_tokens"] == len(encode(MISS)) and not scored["first_right"]
+    unfinished = evaluation.score_stream(TASK, problem, encode(MISS + BACKTRACK + "0\n2*3=6\n"))
+    assert unfinished["later"] == [] and not unfinished["answered"]  # an attempt cut short is not checked
+    # Binned by index: a problem's streams in a row, z_5 pooled with z_4 and after.
+    counts = evaluation.later_attempt_counts([scored, unfinished, {"later": [(5, True, False)]}, {"later": []}], m=2)
+    assert counts.tolist() == [[[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]], [[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]]]
+    # Two problems, 2 streams each, of which 1 never answers; the base model's first attempts reached on 1 of 4
+    # streams of problem 0 and on 3 of 4 of problem 1: its rate weighted by later attempts (2 and 1) is 5/12.
+    anatomy = evaluation.attempt_anatomy([{"later_attempts": counts.tolist(), "unanswered": [1, 0], "streams": 2}],
+                                         {"first_right": [1, 3], "streams": 4})
+    assert anatomy["per_stream"] == 0.75 and anatomy["success"] == pytest.approx(2 / 3)
+    assert anatomy["repeats"] == pytest.approx(1 / 3) and anatomy["never_answer"] == 0.25
+    assert anatomy["base_first_attempt"] == pytest.approx((2 * 0.25 + 1 * 0.75) / 3)
+    assert [x["success"] for x in anatomy["by_index"]] == [0.0, 1.0, None, 1.0]
+    assert anatomy["by_index"][3]["base_first_attempt"] == 0.75
 
 
 def test_tokens_to_reach_is_the_first_budget_at_the_target():

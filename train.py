@@ -143,8 +143,10 @@ def train_warm(base, task, train, cfg: Config, device, log, checkpoint) -> GPT:
     (rng, batches), gen = stage_rngs(cfg, "warm"), torch.Generator(device).manual_seed(cfg.seed)
     base.eval()
     with autocast(device):
-        traces = mrt.build_traces(base, task, rng.sample(train, min(cfg.warm_problems, len(train))),
-                                  cfg.warm_rollouts, cfg.train_room, gen, rng, cfg.restart)
+        problems = rng.sample(train, min(cfg.warm_problems, len(train)))
+        traces = mrt.build_search_traces(base, task, problems, 2 * cfg.warm_rollouts, cfg.train_room, gen, rng) \
+            if cfg.restart == "search" else mrt.build_traces(base, task, problems, cfg.warm_rollouts, cfg.train_room,
+                                                             gen, rng, cfg.restart)
     text = lambda t: task.prompt(t.problem) + "".join(piece for piece, _ in t.pieces(task))
     traces = [t for t in traces if len(tasks.encode(text(t))) <= cfg.block_size + 1]  # long misses can overflow
     backtracks = sum(t.keep is not None for t in traces)
@@ -359,8 +361,10 @@ class Config:
     warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step", 1)
     warm_steps: int = opt(300, "warm-start SFT steps", 0)
     warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
-    restart: str = opt("best", "where a trace backtracks after a failed z_0: best (the step whose Monte Carlo restarts "
-                               "succeed most, the paper's recipe) or scratch (step 0)", choices=["best", "scratch"])
+    restart: str = opt("search", "warm-start traces: search (the base model's own distinct attempts up to one that "
+                                 "reaches, misses learned too), best (backtrack to the step whose Monte Carlo restarts "
+                                 "succeed most, the paper's recipe) or scratch (to step 0)",
+                       choices=["search", "best", "scratch"])
     # stage 3: RL
     arms: str = opt("outcome,mrt", "RL arms, comma-separated: outcome (0/1 reward), mrt (+ progress bonus, J from μ), "
                                    "mrt_verdict (J from the verdicts: no μ), mrt_prefix (the paper's RL form)")
