@@ -358,7 +358,7 @@ class Config:
     eval_every: int = opt(200, "steps between held-out evaluations while pretraining (0: never)", 0)
     # stage 2: backtracking warm-start
     warm_problems: int = opt(100_000, "training problems whose first attempts make warm-start traces (at most all)", 0)
-    warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step", 1)
+    warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step (search: 2x first attempts)", 1)
     warm_steps: int = opt(300, "warm-start SFT steps", 0)
     warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
     restart: str = opt("search", "warm-start traces: search (the base model's own distinct attempts up to one that "
