@@ -59,7 +59,7 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         "first_right": first_right.sum(1).astype(int).tolist(),  # streams whose first attempt z_0 solves it
         "thinking_tokens": column("tokens").mean(1).tolist(),
         "first_attempt_tokens": column("first_tokens").mean(1).tolist(),  # what a restart costs
-        "later_attempts": later_attempt_counts(parsed, m).tolist(),  # the anatomy of the search after z_0 (see `attempt_anatomy`)
+        "later_attempts": later_attempt_counts(parsed, m).tolist(),  # the search after z_0: see `attempt_anatomy`
         "unanswered": (1 - column("answered")).sum(1).astype(int).tolist(),  # streams that never reach <|answer|>
         "episodes": column("episodes").mean(1).tolist(),
         "J": per_value_stream(values),  # J[p][j] = J(μ | x, z_{0:j-1}); J[p][0] = J(μ | x)
@@ -176,10 +176,9 @@ def majority_vote(keys: list, right, n: int) -> float:
 
 
 def restart_accuracy(first_right: int, m: int, first_tokens: float, budgets: list) -> list[float]:
-    """Restarts checked by the environment, the parallel comparator of a sequential search at equal thinking tokens:
-    at each budget B, pass@k of the problem's m first attempts z_0 (`first_right` of them reached), k = ⌊B / their
-    mean tokens⌋ (at most m). No answer is forced after B (below one attempt it scores 0); at the room, it may think
-    in the tokens a stream keeps for its answer."""
+    """Restarts checked by the environment, the parallel comparator at equal thinking tokens: at each budget B, pass@k
+    of a problem's m first attempts z_0 (`first_right` reached), k = ⌊B / their mean tokens⌋ (at most m). No answer
+    is forced after B (below one attempt: 0); at the room it may use the tokens a stream keeps for its answer."""
     return [pass_at_k(m, first_right, min(m, int(B // max(first_tokens, 1)))) for B in budgets]
 
 
@@ -336,7 +335,8 @@ def print_table(results: dict, cfg):
     shown = [i for i, b in enumerate(budgets) if b in (0, 8, 16, 32) or i == len(budgets) - 1]
     ks = [k for k in PASS_K if f"pass@{k}" in summary["base"]]
     print(f"\n{'model':<11}{'accuracy':>24}{'first attempt':>24}{'tokens':>7}{'episodes':>9}{'backtracks w/r':>16}"
-          + "".join(f"{'pass@' + str(k):>8}" for k in ks[1:]) + f"{'vote@' + str(min(MAX_VOTE, cfg.eval_streams)):>8}{'restarts':>9}")
+          + "".join(f"{'pass@' + str(k):>8}" for k in ks[1:])
+          + f"{'vote@' + str(min(MAX_VOTE, cfg.eval_streams)):>8}{'restarts':>9}")
     for name, s in summary.items():
         rates = results["backtrack_rates"][name]
         print(f"{name:<11}{cell(s['accuracy'], star=False):>24}{cell(s['first_attempt_accuracy'], star=False):>24}"
