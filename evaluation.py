@@ -7,7 +7,6 @@ import json
 import math
 import os
 import platform
-from collections import Counter
 
 import numpy as np
 import torch
@@ -17,7 +16,6 @@ import tasks
 from model import autocast
 
 PASS_K = (1, 2, 4, 8)  # pass@k for these k (those up to --eval-streams)
-MAX_VOTE = 8  # majority votes of n = 1..MAX_VOTE streams
 LATER = 4  # the anatomy of later attempts tells z_1, z_2, z_3 apart and pools z_4 and after
 RATES = ["backtrack_after_wrong_first", "backtrack_after_right_first", "wrong_first_ending_on_target"]
 COMPARED = ["accuracy", "first_attempt_accuracy", "thinking_tokens", "regret", "budget_accuracy", "budget_regret"]
@@ -64,8 +62,6 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         "episodes": column("episodes").mean(1).tolist(),
         "J": per_value_stream(values),  # J[p][j] = J(μ | x, z_{0:j-1}); J[p][0] = J(μ | x)
         "budget_accuracy": per_value_stream(forced),  # [p][b]: μ forced to answer after budgets[b] thinking tokens
-        "majority_vote": [[majority_vote([s["key"] for s in parsed[p * m:(p + 1) * m]], right[p], n)
-                           for n in range(1, min(MAX_VOTE, m) + 1)] for p in range(P)],
         # Does the model backtrack when it should? Counts pooled over all streams, split by whether z_0 was right.
         "backtrack_after_wrong_first": pooled(backtracked, 1 - first_right),
         "backtrack_after_right_first": pooled(backtracked, first_right),
@@ -107,8 +103,9 @@ def episode_bonuses(task, episodes, J) -> list:
 
 
 def bonus_measures(evals: list[dict], seed: int = 0) -> dict:
-    """Pooled over streams and seeds: corr(r_prg, 1[reached]) and the mean bonus of each kind of episode, with a 95%
-    bootstrap interval that redraws test problems (a problem's episodes go together: they are not independent)."""
+    """Pooled over streams and seeds: corr(r_prg, 1[reached]), the mean bonus of each kind of episode and how J moved
+    after 1, 2, 3 distinct misses, with a 95% bootstrap interval that redraws test problems (a problem's episodes go
+    together: they are not independent)."""
     rows = np.array([[p, *r] for e in evals for p, rs in enumerate(e["episode_bonuses"]) for r in rs],
                     dtype=float).reshape(-1, 5)
     problem, j, bonus, verdict, repeat = rows.T
@@ -118,10 +115,25 @@ def bonus_measures(evals: list[dict], seed: int = 0) -> dict:
              "unfinished": verdict == -1}
     corr = float(np.corrcoef(bonus, reached)[0, 1]) if len(rows) > 1 and bonus.std() and reached.std() else None
     P = len(evals[0]["episode_bonuses"])
-    per_problem = lambda w, x: np.bincount(problem[w].astype(int), x[w], minlength=P)  # (P,) sums over a kind
-    return {"corr_with_reached": corr, **{k: {"n": int(w.sum()), **ratio_interval(per_problem(w, bonus),
-                                                                                  per_problem(w, np.ones_like(bonus)),
-                                                                                  seed)} for k, w in kinds.items()}}
+    per_problem = lambda p, x: np.bincount(p.astype(int), x, minlength=P)  # (P,) sums
+    mean = lambda p, x: {"n": len(x), **ratio_interval(per_problem(p, x), per_problem(p, np.ones_like(x)), seed)}
+    misses = distinct_misses(rows)
+    return {"corr_with_reached": corr, **{k: mean(problem[w], bonus[w]) for k, w in kinds.items()},
+            **{f"J change after distinct miss {d}": mean(*misses[misses[:, 1] == d][:, [0, 2]].T) for d in (1, 2, 3)}}
+
+
+def distinct_misses(rows: np.ndarray) -> np.ndarray:
+    """[problem, d, J(μ | x, z_{0:j}) − J(μ | x)] after each episode z_j that is a stream's d-th distinct missed
+    attempt, while none has reached: does μ's J rise as the misses rule attempts out? (paired within the stream)."""
+    out = []
+    for p, j, bonus, verdict, repeat in rows:
+        if j == 0:
+            gain, d, searching = 0.0, 0, True
+        gain, searching = gain + bonus, searching and verdict == 0
+        if searching and not repeat:
+            d += 1
+            out.append([p, d, gain])
+    return np.array(out, dtype=float).reshape(-1, 3)
 
 
 def ratio_interval(sums: np.ndarray, counts: np.ndarray, seed: int = 0, n_boot: int = 2000) -> dict:
@@ -136,8 +148,8 @@ def ratio_interval(sums: np.ndarray, counts: np.ndarray, seed: int = 0, n_boot: 
 
 
 def score_stream(task, problem, completion) -> dict:
-    """What one sampled stream did: right or not, its first attempt, its length, its answer as a computation, and
-    each later attempt the environment checked (a whole attempt, n−1 steps): [its index j, right, 1[z_j repeats an
+    """What one sampled stream did: right or not, its first attempt, its length, whether it answered, and each
+    later attempt the environment checked (a whole attempt, n−1 steps): [its index j, right, 1[z_j repeats an
     earlier attempt of the stream]]."""
     thinking, text = mrt.split_completion(completion)[0], tasks.decode(completion)
     parsed = tasks.parse_output(text)
@@ -151,8 +163,7 @@ def score_stream(task, problem, completion) -> dict:
                       for j, a in enumerate(parsed.attempts) if j and len(a) == task.n_numbers - 1],
             "answered": parsed.answer is not None,
             "backtracked": tasks.BACKTRACK_ID in thinking,
-            "ends_on_target": last_step is not None and last_step[3] == problem[1],
-            "key": tasks.answer_key(task, parsed.answer) if parsed.answer else None}
+            "ends_on_target": last_step is not None and last_step[3] == problem[1]}
 
 
 def later_attempt_counts(scored: list[dict], m: int) -> np.ndarray:
@@ -163,16 +174,6 @@ def later_attempt_counts(scored: list[dict], m: int) -> np.ndarray:
         for j, right, repeat in s["later"]:
             counts[i // m, :, min(j, LATER) - 1] += (1, right, repeat)
     return counts
-
-
-def majority_vote(keys: list, right, n: int) -> float:
-    """Accuracy of a majority vote of n streams, averaged over the m // n disjoint groups of n of a problem's m streams.
-
-    Answers are compared as computations (`tasks.answer_key`); streams without an answer do not vote; a tie goes to
-    the answer seen first. Every stream with the winning key is right or every one is wrong."""
-    groups = [range(g * n, (g + 1) * n) for g in range(len(keys) // n)]
-    wins = [Counter(keys[i] for i in g if keys[i] is not None).most_common(1) for g in groups]
-    return sum(bool(w) and bool(right[keys.index(w[0][0])]) for w in wins) / len(groups)
 
 
 def restart_accuracy(first_right: int, m: int, first_tokens: float, budgets: list) -> list[float]:
@@ -200,7 +201,6 @@ def measures(evals: list[dict]) -> dict:
         "thinking_tokens": get("thinking_tokens"),
         "episodes": get("episodes"),
         **{f"pass@{k}": np.vectorize(lambda c: pass_at_k(m, int(c), k))(get("successes")) for k in PASS_K if k <= m},
-        "majority_vote": get("majority_vote"),  # [..., n-1]: vote of n streams
         "J": J,
         "regret": np.apply_along_axis(mrt.cumulative_regret, -1, J),  # [..., k-1]: Δ_k, J(π*) = 1
         "budget_accuracy": forced,
@@ -336,14 +336,14 @@ def print_table(results: dict, cfg):
     ks = [k for k in PASS_K if f"pass@{k}" in summary["base"]]
     print(f"\n{'model':<11}{'accuracy':>24}{'first attempt':>24}{'tokens':>7}{'episodes':>9}{'backtracks w/r':>16}"
           + "".join(f"{'pass@' + str(k):>8}" for k in ks[1:])
-          + f"{'vote@' + str(min(MAX_VOTE, cfg.eval_streams)):>8}{'restarts':>9}")
+          + f"{'restarts':>9}")
     for name, s in summary.items():
         rates = results["backtrack_rates"][name]
         print(f"{name:<11}{cell(s['accuracy'], star=False):>24}{cell(s['first_attempt_accuracy'], star=False):>24}"
               f"{s['thinking_tokens']['mean']:>7.1f}{s['episodes']['mean']:>9.2f}"
               f"{rates['backtrack_after_wrong_first']:>9.0%} /{rates['backtrack_after_right_first']:>4.0%}"
               + "".join(f"{s['pass@' + str(k)]['mean']:>8.3f}" for k in ks[1:])
-              + f"{s['majority_vote']['mean'][-1]:>8.3f}{s['restarts']['mean'][-1]:>9.3f}")
+              + f"{s['restarts']['mean'][-1]:>9.3f}")
     print(f"(test problems: {results['test_problems']}, {cfg.eval_streams} streams each; RL seeds: {cfg.rl_seeds}; "
           f"95% bootstrap intervals over problems and seeds; μ on {cfg.value_streams} streams per problem; "
           f"restarts: the model's own first attempts, as many as fit in the room, checked by the environment)")
@@ -373,7 +373,8 @@ def print_table(results: dict, cfg):
         print(f"  {name:<11}{a['per_stream']:.2f}  {versus_base(a)}  " + "  ".join(map(versus_base, a["by_index"]))
               + f"  repeats {show(a['repeats'], '.1%')}  never answer {a['never_answer']:.1%}")
     print("μ's progress bonus r_prg per episode (value streams): correlation with 1[the episode reached the target]; "
-          "mean bonus [95% interval over problems] (count) by kind of episode:")
+          "mean bonus [95% interval over problems] (count) by kind of episode; J after the stream's 1st, 2nd, 3rd distinct "
+          "miss less J before thinking:")
     for name, b in results["progress_bonus"].items():
         print(f"  {name:<11}corr {show(b['corr_with_reached'], '.2f'):>5}  " + "  ".join(
             f"{k} {show(v['mean'], '+.3f')} [{show(v['low'], '+.3f')}, {show(v['high'], '+.3f')}] ({v['n']})"
@@ -405,8 +406,6 @@ def plot(results: dict, out_dir: str):
         ax2.plot(k, s["regret"]["mean"], label=name, color=line.get_color())
         ax2.fill_between(k, s["regret"]["low"], s["regret"]["high"], color=line.get_color(), alpha=0.15)
     base = results["summary"]["base"]
-    tokens, votes = base["thinking_tokens"]["mean"], base["majority_vote"]["mean"]
-    ax1.plot([n * tokens for n in range(1, len(votes) + 1)], votes, "k--", marker=".", label="base, majority vote of n")
     ax1.plot(results["budgets"], base["restarts"]["mean"], "k:", marker="x",
              label="base, restarts checked by the environment")
     ax1.axvline(results["config"]["train_room"], color="gray", ls=":", lw=1, label="RL room (--train-room)")

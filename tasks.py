@@ -306,8 +306,8 @@ def verify(task, problem, completion: str) -> int:
 
 
 def answer_key(task, lines) -> tuple:
-    """An answer as a computation, for a majority vote: its steps with the operands of + and * in `task.arrange`
-    order, so that `9*3=27` and `3*9=27` count as one answer where the order of the numbers does not matter."""
+    """An attempt as a computation, to tell repeats: its steps with the operands of + and * in `task.arrange`
+    order, so that `9*3=27` and `3*9=27` count as one attempt where the order of the numbers does not matter."""
     def step_key(line):
         step = parse_step(line)
         if step is None or step[1] not in "+*":

@@ -508,12 +508,9 @@ def test_bootstrap_interval_on_hand_worked_cases():
     assert len(evaluation.bootstrap(np.zeros((2, 4, 3)))["high"]) == 3
 
 
-def test_majority_vote_counts_equal_computations_together():
+def test_answer_key_counts_equal_computations_as_one_attempt():
     keys = [tasks.answer_key(TASK, a) for a in (["9*3=27", "27-7=20"], ["3*9=27", "27-7=20"], ["9-7=2", "2*3=6"])]
     assert keys[0] == keys[1] != keys[2]
-    assert evaluation.majority_vote(keys, [1, 1, 0], 3) == 1.0  # 2 votes for the right computation, 1 against
-    assert evaluation.majority_vote([keys[2], keys[2], keys[0], None], [0, 0, 1, 0], 2) == 0.5  # groups (0,1), (2,3)
-    assert evaluation.majority_vote([None, None], [0, 0], 2) == 0.0  # no answer, no vote
     assert tasks.answer_key(tasks.Chain(), ["3*9=27"]) != tasks.answer_key(tasks.Chain(), ["9*3=27"])  # order matters
 
 
@@ -524,7 +521,7 @@ def test_meta_prover_draws_do_not_change_the_policys_streams():
     one, three = (evaluation.evaluate(model, TASK, problems, train.Config(**{**vars(cfg), "eval_rollouts": n}),
                                       torch.device("cpu"))
                   for n in (1, 3))
-    for key in ("successes", "first_right", "thinking_tokens", "episodes", "majority_vote"):
+    for key in ("successes", "first_right", "thinking_tokens", "episodes", "later_attempts"):
         assert one[key] == three[key]  # 1 or 3 rollouts of μ per prefix: the policy's streams are the same
     assert len(one["J"]) == len(one["budget_accuracy"]) == len(problems) and len(one["J"][0]) == 3
 
@@ -868,6 +865,15 @@ def test_episode_bonuses_mark_reached_and_repeated_attempts():
     assert measures["reached z_0"] == {"n": 0, "mean": None, "low": None, "high": None}
     new = measures["later missed, new"]  # a replicate without problem 1 has no such episode: it is left out
     assert new["n"] == 2 and new["mean"] == pytest.approx(0.3) and new["low"] == new["high"] == pytest.approx(0.3)
+
+
+def test_J_after_distinct_misses_sums_the_bonuses_along_a_stream_until_it_stops_missing():
+    rows = np.array([[0, 0, -0.25, 0, 0], [0, 1, 0.0, 0, 1], [0, 2, 0.1, 0, 0], [0, 3, 0.9, 1, 0],  # a repeat, a reach
+                     [1, 0, -0.5, 0, 0], [1, 1, 0.2, -1, 0], [1, 2, 0.3, 0, 0]])  # unfinished: the search ended
+    assert np.allclose(evaluation.distinct_misses(rows), [[0, 1, -0.25], [0, 2, -0.15], [1, 1, -0.5]])
+    measures = evaluation.bonus_measures([{"episode_bonuses": [[r[1:] for r in rows[:4]], [r[1:] for r in rows[4:]]]}])
+    assert measures["J change after distinct miss 1"]["mean"] == pytest.approx(-0.375)  # over both problems
+    assert measures["J change after distinct miss 2"]["n"] == 1 and measures["J change after distinct miss 3"]["n"] == 0
 
 
 def test_a_pooled_mean_over_problems_gets_an_interval_that_redraws_problems():

@@ -359,7 +359,7 @@ class Config:
     # stage 2: backtracking warm-start
     warm_problems: int = opt(100_000, "training problems whose first attempts make warm-start traces (at most all)", 0)
     warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step (search: 2x first attempts)", 1)
-    warm_steps: int = opt(300, "warm-start SFT steps", 0)
+    warm_steps: int = opt(900, "warm-start SFT steps", 0)
     warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
     restart: str = opt("search", "warm-start traces: search (the base model's own distinct attempts up to one that "
                                  "reaches, misses learned too), best (backtrack to the step whose Monte Carlo restarts "
@@ -379,7 +379,7 @@ class Config:
     curve_every: int = opt(40, "RL steps between held-out accuracy checks, the learning curve (0: none)", 0)
     curve_streams: int = opt(4, "sampled streams per test problem at each learning-curve check", 1)
     # evaluation
-    eval_streams: int = opt(16, "sampled streams per test problem (accuracy, pass@k, majority vote, tokens)", 1)
+    eval_streams: int = opt(16, "sampled streams per test problem (accuracy, pass@k, restarts, tokens)", 1)
     value_streams: int = opt(2, "of those, streams per problem that μ scores (J, regret, budget-forced accuracy)", 1)
     eval_rollouts: int = opt(2, "meta-prover rollouts per prefix at evaluation", 1)
     max_episodes: int = opt(5, "episodes K of the J and regret curves", 1)
@@ -388,8 +388,8 @@ class Config:
     seed: int = opt(0, "seed of data, initialisation and sampling")
     device: str = opt("auto", "where to run (auto: cuda, else mps, else cpu)", choices=["auto", "cpu", "cuda", "mps"])
     out_dir: str = opt("out", "where checkpoints, logs and results go")
-    preset: str = opt("cpu", "cpu (default sizes), gpu (4 numbers, larger model) or smoke (tiny, seconds)",
-                      choices=["cpu", "gpu", "smoke"])
+    preset: str = opt("cpu", "cpu (default sizes), long (a warm-start twice as long), gpu (4 numbers, larger model) "
+                             "or smoke (tiny, seconds)", choices=["cpu", "long", "gpu", "smoke"])
     smoke: bool = opt(False, "same as --preset smoke")
     fresh: bool = opt(False, "ignore existing checkpoints in --out-dir and run every stage again")
     snapshot_every: int = opt(50, "steps between a stage's checkpoints, from which an interrupted stage resumes", 1)
@@ -400,6 +400,7 @@ class Config:
 
 PRESETS = {
     "cpu": {},
+    "long": dict(warm_steps=1800, out_dir="out/long"),
     "gpu": dict(n_numbers=4, n_layer=6, n_head=6, n_embd=384, block_size=192, base_steps=4000, batch_size=256,
                 warm_problems=4096, rl_steps=200, rl_prompts=32, train_room=128, n_test=1000, lr=1e-3),
     "smoke": dict(n_train=1000, n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
