@@ -111,8 +111,8 @@ def bonus_measures(evals: list[dict], seed: int = 0) -> dict:
     problem, j, bonus, verdict, repeat = rows.T
     reached, missed, later = verdict == 1, verdict == 0, j > 0
     kinds = {"missed z_0": ~later & missed, "reached z_0": ~later & reached, "later reached": later & reached,
-             "later missed, new": later & missed & (repeat == 0), "later missed, repeat": later & missed & (repeat == 1),
-             "unfinished": verdict == -1}
+             "later missed, new": later & missed & (repeat == 0),
+             "later missed, repeat": later & missed & (repeat == 1), "unfinished": verdict == -1}
     corr = float(np.corrcoef(bonus, reached)[0, 1]) if len(rows) > 1 and bonus.std() and reached.std() else None
     P = len(evals[0]["episode_bonuses"])
     per_problem = lambda p, x: np.bincount(p.astype(int), x, minlength=P)  # (P,) sums
@@ -123,8 +123,8 @@ def bonus_measures(evals: list[dict], seed: int = 0) -> dict:
 
 
 def distinct_misses(rows: np.ndarray) -> np.ndarray:
-    """[problem, d, J(μ | x, z_{0:j}) − J(μ | x)] after each episode z_j that is a stream's d-th distinct missed
-    attempt, while none has reached: does μ's J rise as the misses rule attempts out? (paired within the stream)."""
+    """[problem, d, J(μ | x, z_{0:j}) − J(μ | x)] after each z_j that is a stream's d-th distinct missed attempt, while
+    all its episodes missed (none reached or unfinished); the streams with d = 2, 3 are fewer, and harder ones."""
     out = []
     for p, j, bonus, verdict, repeat in rows:
         if j == 0:
@@ -373,8 +373,8 @@ def print_table(results: dict, cfg):
         print(f"  {name:<11}{a['per_stream']:.2f}  {versus_base(a)}  " + "  ".join(map(versus_base, a["by_index"]))
               + f"  repeats {show(a['repeats'], '.1%')}  never answer {a['never_answer']:.1%}")
     print("μ's progress bonus r_prg per episode (value streams): correlation with 1[the episode reached the target]; "
-          "mean bonus [95% interval over problems] (count) by kind of episode; J after the stream's 1st, 2nd, 3rd distinct "
-          "miss less J before thinking:")
+          "mean bonus [95% interval over problems] (count) by kind of episode; J − J(μ | x) after a stream's 1st, 2nd, "
+          "3rd distinct miss, among streams still missing (none reached or unfinished):")
     for name, b in results["progress_bonus"].items():
         print(f"  {name:<11}corr {show(b['corr_with_reached'], '.2f'):>5}  " + "  ".join(
             f"{k} {show(v['mean'], '+.3f')} [{show(v['low'], '+.3f')}, {show(v['high'], '+.3f')}] ({v['n']})"

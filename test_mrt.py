@@ -869,7 +869,7 @@ def test_episode_bonuses_mark_reached_and_repeated_attempts():
 
 def test_J_after_distinct_misses_sums_the_bonuses_along_a_stream_until_it_stops_missing():
     rows = np.array([[0, 0, -0.25, 0, 0], [0, 1, 0.0, 0, 1], [0, 2, 0.1, 0, 0], [0, 3, 0.9, 1, 0],  # a repeat, a reach
-                     [1, 0, -0.5, 0, 0], [1, 1, 0.2, -1, 0], [1, 2, 0.3, 0, 0]])  # unfinished: the search ended
+                     [1, 0, -0.5, 0, 0], [1, 1, 0.2, -1, 0], [1, 2, 0.3, 0, 0]])  # unfinished: the count stops
     assert np.allclose(evaluation.distinct_misses(rows), [[0, 1, -0.25], [0, 2, -0.15], [1, 1, -0.5]])
     measures = evaluation.bonus_measures([{"episode_bonuses": [[r[1:] for r in rows[:4]], [r[1:] for r in rows[4:]]]}])
     assert measures["J change after distinct miss 1"]["mean"] == pytest.approx(-0.375)  # over both problems
