@@ -198,8 +198,7 @@ def measures(evals: list[dict]) -> dict:
     return {
         "accuracy": get("successes") / m,
         "first_attempt_accuracy": get("first_right") / m,
-        "thinking_tokens": get("thinking_tokens"),
-        "episodes": get("episodes"),
+        "thinking_tokens": get("thinking_tokens"), "episodes": get("episodes"),
         **{f"pass@{k}": np.vectorize(lambda c: pass_at_k(m, int(c), k))(get("successes")) for k in PASS_K if k <= m},
         "J": J,
         "regret": np.apply_along_axis(mrt.cumulative_regret, -1, J),  # [..., k-1]: Δ_k, J(π*) = 1

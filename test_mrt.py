@@ -467,9 +467,10 @@ def test_warmstart_builder_with_a_model_makes_valid_traces():
 def test_search_traces_try_only_new_legal_attempts_and_learn_every_attempt_after_the_first(monkeypatch):
     problems, rng = tasks.make_split(TASK, 30, 1, seed=0)[0], random.Random(0)
     def random_first_attempts(model, task, problems, max_new_tokens, generator, samples):  # a base model at random
-        plays = [task.random_play(task.start(p), rng) for p in problems for _ in range(samples)]
+        plays = [(p, task.random_play(task.start(p), rng)) for p in problems for _ in range(samples)]
         wrong = lambda steps: steps[:-1] + [steps[-1] + rng.choice(["", "", "1"])]  # some last results wrong
-        return None, [encode(tasks.steps_text(wrong(steps))) for steps in plays]
+        # and, as a base model may, it writes on after the environment's verdict: only the checked lines count
+        return None, [encode(tasks.attempt_text(task, p, wrong(s)) + tasks.steps_text(s[:1])) for p, s in plays]
     monkeypatch.setattr(mrt, "sample_completions", random_first_attempts)
     traces = mrt.build_search_traces(None, TASK, problems, 8, 40, None, random.Random(0))
     assert [t.problem for t in traces] == problems and any(len(t.retries) >= 2 for t in traces)
