@@ -289,11 +289,11 @@ def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng, misses=
 
 def build_search_traces(model, task, problems, n_samples: int, max_new_tokens: int, generator, rng,
                         max_misses: int = 4) -> list[tasks.Trace]:
-    """Traces of a search that never repeats: the base model's own first attempts at a problem (n_samples drawn; the
-    n−1 lines the environment checked, not what it may write after the verdict), in the order it drew them, repeats and
-    attempts with an illegal step left out, up to the first that reaches; after `max_misses` misses, or none reaching,
-    a solver's solution that none of them is (z_0 itself if none was legal). Every attempt after z_0 is learned,
-    misses too: to draw the next attempt as the base model would, among the new."""
+    """Traces of a search that never repeats: the base model's own first attempts at a problem (n_samples drawn; each
+    its n−1 lines up to one number left, what the environment checks, not lines the base model writes on after), in the
+    order it drew them, repeats and attempts with an illegal step left out, up to the first that reaches; after
+    `max_misses` misses, or none reaching, a solver's solution that none of them is (z_0 itself if none was legal).
+    Every attempt after z_0 is learned, misses too: to draw the next attempt as the base model would, among the new."""
     _, firsts = sample_completions(model, task, problems, max_new_tokens, generator, samples=n_samples)
     traces = []
     for i, problem in enumerate(problems):
