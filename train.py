@@ -1,11 +1,11 @@
 """The whole MRT pipeline in one script: base model -> backtracking warm-start -> RL (outcome vs MRT) -> evaluation.
 
-    python train.py            # the CPU default (3-number Countdown); see --help
+    python train.py            # the CPU default (3-number Countdown, ~17 min on 2 cores); see --help
     python train.py --smoke    # tiny sizes, the whole pipeline in seconds
-    python train.py --preset gpu
+    python train.py --preset long / gpu   # a warm-start twice as long (~23 min) / 4 numbers, a larger model
 
 Every stage saves a checkpoint in --out-dir; re-running the same command skips finished stages.
-The defaults are the cpu preset's; --preset gpu / smoke change some of them, and explicit flags win.
+The defaults are the cpu preset's; the other presets change some of them, and explicit flags win.
 """
 from __future__ import annotations
 
