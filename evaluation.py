@@ -95,7 +95,7 @@ def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, 
 def episode_bonuses(task, episodes, J) -> list:
     """[j, r_prg(z_j), its verdict (1 reached, 0 missed, -1 none: unfinished), 1[z_j repeats an earlier attempt of
     its stream]] for the episodes that J covers: what μ's progress bonus says beyond the environment's verdict."""
-    attempts = tasks.parse_output(tasks.decode(t for e in episodes for t in e)).attempts
+    attempts = [task.checked(a) for a in tasks.parse_output(tasks.decode(t for e in episodes for t in e)).attempts]
     keys = [tasks.answer_key(task, a) for a in attempts] if len(attempts) == len(episodes) else [None] * len(episodes)
     verdict = lambda e: 1 if tasks.REACHED_ID in e else 0 if tasks.MISSED_ID in e else -1
     return [[j, bonus, verdict(episodes[j]), int(keys[j] is not None and keys[j] in keys[:j])]
@@ -148,19 +148,20 @@ def ratio_interval(sums: np.ndarray, counts: np.ndarray, seed: int = 0, n_boot: 
 
 
 def score_stream(task, problem, completion) -> dict:
-    """What one sampled stream did: right or not, its first attempt, its length, whether it answered, and each
-    later attempt the environment checked (a whole attempt, n−1 steps): [its index j, right, 1[z_j repeats an
-    earlier attempt of the stream]]."""
+    """What one sampled stream did: right or not, its first attempt and the tokens up to its verdict (what a restart
+    costs), its length, whether it answered, and each later attempt the environment checked (a whole attempt, n−1
+    steps): [its index j, right, 1[z_j repeats an earlier attempt of the stream]]."""
     thinking, text = mrt.split_completion(completion)[0], tasks.decode(completion)
-    parsed = tasks.parse_output(text)
-    first, episodes = parsed.attempts[0], mrt.split_episodes(thinking)
-    last_step = tasks.parse_step(first[-1]) if first else None
-    keys = [tasks.answer_key(task, a) for a in parsed.attempts]
+    parsed, episodes = tasks.parse_output(text), mrt.split_episodes(thinking)
+    attempts, z_0 = [task.checked(a) for a in parsed.attempts], episodes[0] if episodes else []
+    last_step = tasks.parse_step(attempts[0][-1]) if attempts[0] else None
+    keys = [tasks.answer_key(task, a) for a in attempts]
     return {"right": tasks.verify(task, problem, text),
-            "first_right": tasks.is_correct(task, problem, first),
-            "tokens": len(thinking), "episodes": len(episodes), "first_tokens": len(episodes[0]) if episodes else 0,
+            "first_right": tasks.is_correct(task, problem, attempts[0]), "tokens": len(thinking),
+            "episodes": len(episodes), "first_tokens": next((i + 1 for i, t in enumerate(z_0)
+                                                             if t in tasks.VERDICT_IDS), len(z_0)),
             "later": [(j, tasks.is_correct(task, problem, a), keys[j] in keys[:j])
-                      for j, a in enumerate(parsed.attempts) if j and len(a) == task.n_numbers - 1],
+                      for j, a in enumerate(attempts) if j and len(a) == task.n_numbers - 1],
             "answered": parsed.answer is not None,
             "backtracked": tasks.BACKTRACK_ID in thinking,
             "ends_on_target": last_step is not None and last_step[3] == problem[1]}
@@ -196,12 +197,10 @@ def measures(evals: list[dict]) -> dict:
     m = evals[0]["streams"]
     J, forced = get("J"), get("budget_accuracy")
     return {
-        "accuracy": get("successes") / m,
-        "first_attempt_accuracy": get("first_right") / m,
+        "accuracy": get("successes") / m, "first_attempt_accuracy": get("first_right") / m,
         "thinking_tokens": get("thinking_tokens"), "episodes": get("episodes"),
         **{f"pass@{k}": np.vectorize(lambda c: pass_at_k(m, int(c), k))(get("successes")) for k in PASS_K if k <= m},
-        "J": J,
-        "regret": np.apply_along_axis(mrt.cumulative_regret, -1, J),  # [..., k-1]: Δ_k, J(π*) = 1
+        "J": J, "regret": np.apply_along_axis(mrt.cumulative_regret, -1, J),  # [..., k-1]: Δ_k, J(π*) = 1
         "budget_accuracy": forced,
         "budget_regret": (1 - forced).sum(-1),  # Σ_B (J(π*) − accuracy at B) over the budget grid
         "restarts": np.array([[restart_accuracy(int(c), m, t, e["budgets"]) for c, t in
@@ -304,9 +303,8 @@ def learning_curves(log_path: str, arms: list, seeds: list) -> dict:
 
 def stage_seconds(log_path: str) -> dict:
     """Wall time of each stage trained in this out-dir, read from its log.jsonl (the latest entry per stage)."""
-    if not os.path.exists(log_path):
-        return {}
-    return {r["stage"]: r["seconds"] for r in map(json.loads, open(log_path)) if "seconds" in r}
+    return {r["stage"]: r["seconds"] for r in map(json.loads, open(log_path)) if "seconds" in r} \
+        if os.path.exists(log_path) else {}
 
 
 def machine() -> str:
@@ -334,15 +332,13 @@ def print_table(results: dict, cfg):
     shown = [i for i, b in enumerate(budgets) if b in (0, 8, 16, 32) or i == len(budgets) - 1]
     ks = [k for k in PASS_K if f"pass@{k}" in summary["base"]]
     print(f"\n{'model':<11}{'accuracy':>24}{'first attempt':>24}{'tokens':>7}{'episodes':>9}{'backtracks w/r':>16}"
-          + "".join(f"{'pass@' + str(k):>8}" for k in ks[1:])
-          + f"{'restarts':>9}")
+          + "".join(f"{'pass@' + str(k):>8}" for k in ks[1:]) + f"{'restarts':>9}")
     for name, s in summary.items():
         rates = results["backtrack_rates"][name]
         print(f"{name:<11}{cell(s['accuracy'], star=False):>24}{cell(s['first_attempt_accuracy'], star=False):>24}"
               f"{s['thinking_tokens']['mean']:>7.1f}{s['episodes']['mean']:>9.2f}"
               f"{rates['backtrack_after_wrong_first']:>9.0%} /{rates['backtrack_after_right_first']:>4.0%}"
-              + "".join(f"{s['pass@' + str(k)]['mean']:>8.3f}" for k in ks[1:])
-              + f"{s['restarts']['mean'][-1]:>9.3f}")
+              + "".join(f"{s['pass@' + str(k)]['mean']:>8.3f}" for k in ks[1:]) + f"{s['restarts']['mean'][-1]:>9.3f}")
     print(f"(test problems: {results['test_problems']}, {cfg.eval_streams} streams each; RL seeds: {cfg.rl_seeds}; "
           f"95% bootstrap intervals over problems and seeds; μ on {cfg.value_streams} streams per problem; "
           f"restarts: the model's own first attempts, as many as fit in the room, checked by the environment)")

@@ -231,7 +231,7 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
     prompts, firsts = sample_completions(model, task, problems, max_new_tokens, generator)
     traces, failed = [], {}
     for i, (p, comp) in enumerate(zip(problems, firsts)):
-        attempt = tasks.parse_output(tasks.decode(comp)).attempts[0]
+        attempt = task.checked(tasks.parse_output(tasks.decode(comp)).attempts[0])
         if tasks.is_correct(task, p, attempt):
             traces.append(tasks.Trace(p, attempt))
         else:
@@ -249,7 +249,7 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
         ok = tasks.verify(task, problems[i], text)
         rates.setdefault(i, {}).setdefault(k, 0.0)
         rates[i][k] += ok / n_rollouts
-        attempt = tasks.parse_output(text).attempts[0]
+        attempt = task.checked(tasks.parse_output(text).attempts[0])
         solved = tasks.is_correct(task, problems[i], attempt)
         if ok and solved:
             rollouts.setdefault(i, {}).setdefault(k, []).append(attempt)
@@ -289,17 +289,17 @@ def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng, misses=
 
 def build_search_traces(model, task, problems, n_samples: int, max_new_tokens: int, generator, rng,
                         max_misses: int = 4) -> list[tasks.Trace]:
-    """Traces of a search that never repeats: the base model's own first attempts at a problem (n_samples drawn; each
-    its n−1 lines up to one number left, what the environment checks, not lines the base model writes on after), in the
-    order it drew them, repeats and attempts with an illegal step left out, up to the first that reaches; after
-    `max_misses` misses, or none reaching, a solver's solution that none of them is (z_0 itself if none was legal).
-    Every attempt after z_0 is learned, misses too: to draw the next attempt as the base model would, among the new."""
+    """Traces of a search that never repeats: the base model's own first attempts at a problem (n_samples drawn, each
+    as the environment checked it), in the order it drew them, repeats and attempts with an illegal step left out, up
+    to the first that reaches; after `max_misses` misses, or none reaching, a solver's solution that none of them is
+    (z_0 itself if none was legal). Every attempt after z_0 is learned, misses too: to draw the next attempt as the
+    base model would, among the new."""
     _, firsts = sample_completions(model, task, problems, max_new_tokens, generator, samples=n_samples)
     traces = []
     for i, problem in enumerate(problems):
         tried, misses, solved = set(), [], None
         for comp in firsts[i * n_samples:(i + 1) * n_samples]:
-            attempt = tasks.parse_output(tasks.decode(comp)).attempts[0][:task.n_numbers - 1]
+            attempt = task.checked(tasks.parse_output(tasks.decode(comp)).attempts[0])
             key = tasks.answer_key(task, attempt)
             if key in tried or len(attempt) != task.n_numbers - 1 or tasks.run_steps(task, problem, attempt) is None:
                 continue

@@ -102,6 +102,10 @@ class NumberTask:
         """Every legal step from `state`, in the canonical form the solver writes."""
         raise NotImplementedError
 
+    def checked(self, attempt: list[str]) -> list[str]:
+        """An attempt as the environment checks it: its lines up to one number left (n−1), not any written after."""
+        return attempt[:self.n_numbers - 1]
+
     def answer_tokens(self) -> int:
         """Tokens of the longest correct answer, <|eos|> included: n-1 lines `a op b=c`. A number made from s of the
         given numbers is below (max_number + 1)^s (for x < A, y < B: x + y and x·y are below A·B), an operand uses at

@@ -447,6 +447,16 @@ def test_no_backtrack_target_where_the_kept_steps_already_solve_it():
     assert mrt.restart_steps(TASK, PROBLEM, attempt) == []
 
 
+def test_warmstart_builder_reads_a_first_attempt_as_the_environment_checked_it(monkeypatch):
+    problems = tasks.make_split(TASK, 20, 1, seed=0)[0]
+    solution = lambda p: TASK.solutions(TASK.start(p), p[1])[0]
+    # a base model that reaches the target, then writes on after the verdict: its z_0 reached all the same
+    monkeypatch.setattr(mrt, "sample_completions", lambda model, task, problems, *rest: (
+        None, [encode(tasks.attempt_text(task, p, solution(p)) + "1+1=2\n") for p in problems]))
+    traces = mrt.build_traces(None, TASK, problems, 2, 40, None, random.Random(0))
+    assert [(t.first_attempt, t.keep) for t in traces] == [(solution(p), None) for p in problems]
+
+
 def test_warmstart_builder_with_a_model_makes_valid_traces():
     problems = tasks.make_split(TASK, 20, 1, seed=0)[0]
     traces = mrt.build_traces(tiny_model(block_size=128), TASK, problems, 2, 40, torch.Generator().manual_seed(0),
@@ -896,6 +906,11 @@ def test_the_anatomy_of_a_search_counts_later_attempts_repeats_and_streams_witho
     assert scored["first_tokens"] == len(encode(MISS)) and not scored["first_right"]
     unfinished = evaluation.score_stream(TASK, problem, encode(MISS + BACKTRACK + "0\n2*3=6\n"))
     assert unfinished["later"] == [] and not unfinished["answered"]  # an attempt cut short is not checked
+    # A line written on after a verdict is no part of the attempt the environment checked, nor of what a restart costs.
+    on, reach = "3+3=6\n", "2*3=6\n6*1=6\n" + tasks.REACHED
+    written_on = evaluation.score_stream(TASK, problem, encode(MISS + on + BACKTRACK + "0\n" + reach + on))
+    assert written_on["later"] == [(1, True, False)] and written_on["first_tokens"] == len(encode(MISS))
+    assert evaluation.score_stream(TASK, problem, encode(reach + on))["first_right"]
     # Binned by index: a problem's streams in a row, z_5 pooled with z_4 and after.
     counts = evaluation.later_attempt_counts([scored, unfinished, {"later": [(5, True, False)]}, {"later": []}], m=2)
     assert counts.tolist() == [[[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]], [[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]]]
