@@ -149,20 +149,21 @@ def ratio_interval(sums: np.ndarray, counts: np.ndarray, seed: int = 0, n_boot: 
 
 def score_stream(task, problem, completion) -> dict:
     """What one sampled stream did: right or not, its first attempt and the tokens up to its verdict (what a restart
-    costs), its length, whether it answered, and each later attempt the environment checked (a whole attempt, n−1
-    steps): [its index j, right, 1[z_j repeats an earlier attempt of the stream]]."""
+    costs), its length, whether it answered, and each later attempt the environment checked (n−1 whole lines; a line
+    the room cut short is not one): [its index j, right, 1[z_j repeats an earlier attempt of the stream]]."""
     thinking, text = mrt.split_completion(completion)[0], tasks.decode(completion)
-    parsed, episodes = tasks.parse_output(text), mrt.split_episodes(thinking)
-    attempts, z_0 = [task.checked(a) for a in parsed.attempts], episodes[0] if episodes else []
+    episodes, whole_lines = mrt.split_episodes(thinking), mrt.budget_cut(thinking, len(thinking))
+    attempts = [task.checked(a) for a in tasks.parse_output(tasks.decode(whole_lines)).attempts]
     last_step = tasks.parse_step(attempts[0][-1]) if attempts[0] else None
     keys = [tasks.answer_key(task, a) for a in attempts]
+    z_0 = episodes[0] if episodes else []
+    to_verdict = next((i + 1 for i, t in enumerate(z_0) if t in tasks.VERDICT_IDS), len(z_0))  # what a restart costs
     return {"right": tasks.verify(task, problem, text),
             "first_right": tasks.is_correct(task, problem, attempts[0]), "tokens": len(thinking),
-            "episodes": len(episodes), "first_tokens": next((i + 1 for i, t in enumerate(z_0)
-                                                             if t in tasks.VERDICT_IDS), len(z_0)),
+            "episodes": len(episodes), "first_tokens": to_verdict,
             "later": [(j, tasks.is_correct(task, problem, a), keys[j] in keys[:j])
                       for j, a in enumerate(attempts) if j and len(a) == task.n_numbers - 1],
-            "answered": parsed.answer is not None,
+            "answered": tasks.parse_output(text).answer is not None,
             "backtracked": tasks.BACKTRACK_ID in thinking,
             "ends_on_target": last_step is not None and last_step[3] == problem[1]}
 

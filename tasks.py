@@ -103,7 +103,7 @@ class NumberTask:
         raise NotImplementedError
 
     def checked(self, attempt: list[str]) -> list[str]:
-        """An attempt as the environment checks it: its lines up to one number left (n−1), not any written after."""
+        """An attempt as the environment checks it once it has n−1 lines (one number left): those, not any after."""
         return attempt[:self.n_numbers - 1]
 
     def answer_tokens(self) -> int:

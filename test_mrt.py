@@ -452,7 +452,9 @@ def test_warmstart_builder_reads_a_first_attempt_as_the_environment_checked_it(m
     solution = lambda p: TASK.solutions(TASK.start(p), p[1])[0]
     # a base model that reaches the target, then writes on after the verdict: its z_0 reached all the same
     monkeypatch.setattr(mrt, "sample_completions", lambda model, task, problems, *rest: (
-        None, [encode(tasks.attempt_text(task, p, solution(p)) + "1+1=2\n") for p in problems]))
+        [encode(task.prompt(p)) for p in problems],
+        [encode(tasks.attempt_text(task, p, solution(p)) + "1+1=2\n") for p in problems]))
+    monkeypatch.setattr(mrt, "complete", lambda model, contexts, *rest, samples=1, **kw: [[]] * len(contexts) * samples)
     traces = mrt.build_traces(None, TASK, problems, 2, 40, None, random.Random(0))
     assert [(t.first_attempt, t.keep) for t in traces] == [(solution(p), None) for p in problems]
 
@@ -906,6 +908,7 @@ def test_the_anatomy_of_a_search_counts_later_attempts_repeats_and_streams_witho
     assert scored["first_tokens"] == len(encode(MISS)) and not scored["first_right"]
     unfinished = evaluation.score_stream(TASK, problem, encode(MISS + BACKTRACK + "0\n2*3=6\n"))
     assert unfinished["later"] == [] and not unfinished["answered"]  # an attempt cut short is not checked
+    assert evaluation.score_stream(TASK, problem, encode(MISS + BACKTRACK + "0\n2*3=6\n6*1=6"))["later"] == []
     # A line written on after a verdict is no part of the attempt the environment checked, nor of what a restart costs.
     on, reach = "3+3=6\n", "2*3=6\n6*1=6\n" + tasks.REACHED
     written_on = evaluation.score_stream(TASK, problem, encode(MISS + on + BACKTRACK + "0\n" + reach + on))

@@ -257,8 +257,7 @@ def run(cfg: Config) -> dict:
           + (f"; peak GPU memory {peak:.1f} GiB" if peak is not None else ""))
     results = {"config": asdict(cfg), "machine": evaluation.machine(), "device": str(device),
                "train_problems": len(train), "test_problems": len(test), "stage_seconds": timings,
-               "peak_gpu_memory_gib": peak,
-               "test_set": [task.prompt(p)[len(tasks.BOS):].strip() for p in test],
+               "peak_gpu_memory_gib": peak, "test_set": [task.prompt(p)[len(tasks.BOS):].strip() for p in test],
                "learning_curve": evaluation.learning_curves(log_path, arms, seeds),
                **evaluation.report(evals, cfg.seed)}
     evaluation.print_table(results, cfg)  # first: a failed write must not lose the evaluation
