@@ -63,8 +63,7 @@ def training_step(cfg, device):
 def bench_training(cfg, device, peak) -> dict:
     """tokens/s and model FLOP utilisation (6·N·tokens/s ÷ peak) of one SFT step at the default size and batch."""
     step, model, x = training_step(cfg, device)
-    seconds = timed(step, 10, device)
-    tokens = x.numel()
+    seconds, tokens = timed(step, 10, device), x.numel()
     n_params = sum(p.numel() for p in model.blocks.parameters())  # the matmul weights (embeddings are lookups)
     return {"params": model.num_params(), "batch": list(x.shape), "step_s": seconds, "tokens_per_s": tokens / seconds,
             "mfu": 6 * n_params * tokens / seconds / peak}

@@ -498,6 +498,21 @@ def test_search_traces_try_only_new_legal_attempts_and_learn_every_attempt_after
         assert all(learn for _, learn in pieces[1:]) and pieces[0][1] == (t.keep is None)  # all but a missed z_0
 
 
+def test_the_warm_start_builds_warm_traces_traces_per_problem_each_from_its_own_draws(monkeypatch, tmp_path):
+    problems, rng, built = tasks.make_split(TASK, 30, 1, seed=0)[0], random.Random(0), []
+    monkeypatch.setattr(mrt, "sample_completions", lambda model, task, problems, *rest, samples: (None, [
+        encode(tasks.attempt_text(task, p, task.random_play(task.start(p), rng))) for p in problems for _ in
+        range(samples)]))
+    search = mrt.build_search_traces
+    monkeypatch.setattr(mrt, "build_search_traces", lambda *args: built.extend(search(*args)) or built)
+    cfg = train.Config(warm_traces=2, warm_steps=0)
+    train.train_warm(tiny_model(), TASK, problems, cfg, torch.device("cpu"), lambda **row: None,
+                     train.Checkpoint(str(tmp_path / "warm.pt"), {}, 0, cfg))
+    assert sorted(t.problem for t in built) == sorted(problems * 2)
+    first = lambda copy: [t.first_attempt for t in built[copy * len(problems):(copy + 1) * len(problems)]]
+    assert first(0) != first(1)  # the second trace of a problem is drawn afresh, not a copy of the first
+
+
 # ----------------------------------------------------------------------------- evaluation
 def test_pass_at_k_on_hand_worked_cases():
     assert evaluation.pass_at_k(4, 1, 1) == 0.25  # k = 1: c / n
@@ -970,10 +985,12 @@ def test_the_room_is_what_the_block_leaves_after_the_prompt_and_mus_answer():
     assert task.room(128, [((3, 7, 9), 20)]) == 128 - len(encode("<|bos|>3 7 9:20\n")) - 1 - 25
 
 
-def test_a_checkpoint_saved_with_max_think_is_checked_as_train_room(tmp_path):
-    path, cfg = str(tmp_path / "warm.pt"), train.Config(train_room=32)
-    saved = {k: v for k, v in train.stage_config(cfg, "warm").items() if k != "train_room"} | {"max_think": 32}
-    torch.save({"model": {}, "model_args": {}, "stage_config": saved, "step": cfg.warm_steps}, path)
+def test_a_checkpoint_from_before_an_option_was_renamed_or_added_is_checked_as_what_made_it(tmp_path):
+    path, cfg = str(tmp_path / "warm.pt"), train.Config(train_room=32, warm_traces=1)
+    saved = {k: v for k, v in train.stage_config(cfg, "warm").items() if k not in ("train_room", "warm_traces")}
+    torch.save({"model": {}, "model_args": {}, "stage_config": saved | {"max_think": 32}, "step": cfg.warm_steps}, path)
     assert train.Checkpoint(path, train.stage_config(cfg, "warm"), cfg.warm_steps, cfg).finished()  # its old name
     with pytest.raises(train.UserError, match="train_room"):  # not silently reused at the default room, 64
-        train.Checkpoint(path, train.stage_config(train.Config(), "warm"), cfg.warm_steps, train.Config())
+        train.Checkpoint(path, train.stage_config(train.Config(warm_traces=1), "warm"), cfg.warm_steps, cfg)
+    with pytest.raises(train.UserError, match="warm_traces"):  # nor as the default's two traces per problem
+        train.Checkpoint(path, train.stage_config(train.Config(train_room=32), "warm"), cfg.warm_steps, cfg)

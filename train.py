@@ -143,7 +143,7 @@ def train_warm(base, task, train, cfg: Config, device, log, checkpoint) -> GPT:
     (rng, batches), gen = stage_rngs(cfg, "warm"), torch.Generator(device).manual_seed(cfg.seed)
     base.eval()
     with autocast(device):
-        problems = rng.sample(train, min(cfg.warm_problems, len(train)))
+        problems = rng.sample(train, min(cfg.warm_problems, len(train))) * cfg.warm_traces  # each: its own draws
         traces = mrt.build_search_traces(base, task, problems, 2 * cfg.warm_rollouts, cfg.train_room, gen, rng) \
             if cfg.restart == "search" else mrt.build_traces(base, task, problems, cfg.warm_rollouts, cfg.train_room,
                                                              gen, rng, cfg.restart)
@@ -291,8 +291,7 @@ def explain(cfg: Config, rollouts: int = 32):
     except ValueError as e:
         raise UserError(f"--problem: {e}") from None
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    longest = task.room(cfg.block_size, [problem])
-    prompts, completions = mrt.sample_completions(model, task, [problem], longest, gen)
+    prompts, completions = mrt.sample_completions(model, task, [problem], task.room(cfg.block_size, [problem]), gen)
     thinking, answer = mrt.split_completion(completions[0])
     episodes = mrt.split_episodes(thinking)
     values = mrt.episode_values(mrt.MetaProver(model, task, generator=gen), [problem], prompts, [episodes], rollouts)[0]
@@ -357,6 +356,7 @@ class Config:
     eval_every: int = opt(200, "steps between held-out evaluations while pretraining (0: never)", 0)
     # stage 2: backtracking warm-start
     warm_problems: int = opt(100_000, "training problems whose first attempts make warm-start traces (at most all)", 0)
+    warm_traces: int = opt(2, "warm-start traces per problem, each from a fresh draw of first attempts", 1)
     warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step (search: 2x first attempts)", 1)
     warm_steps: int = opt(900, "warm-start SFT steps", 0)
     warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
@@ -530,7 +530,7 @@ STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "base": ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
              "block_size", "seed", "base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob",
              "practice_per_problem", "model_only", "no_env_loss"],
-    "warm": ["warm_problems", "warm_rollouts", "warm_steps", "warm_lr", "train_room", "restart"],
+    "warm": ["warm_problems", "warm_traces", "warm_rollouts", "warm_steps", "warm_lr", "train_room", "restart"],
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
     "mrt": ["alpha", "mc_rollouts"], "mrt_verdict": ["alpha"], "mrt_prefix": ["alpha"],
 }
@@ -551,7 +551,8 @@ def load_checkpoint(path: str, device) -> dict:
     except Exception as e:
         raise UserError(f"{path}: not a readable mrt checkpoint ({type(e).__name__}); "
                         f"delete it or pass --fresh") from None
-    blob["stage_config"] = {{"max_think": "train_room"}.get(k, k): v for k, v in blob["stage_config"].items()}
+    renamed = {{"max_think": "train_room"}.get(k, k): v for k, v in blob["stage_config"].items()}
+    blob["stage_config"] = {"warm_traces": 1, **renamed}  # files from before the option had one trace per problem
     return blob
 
 
