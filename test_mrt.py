@@ -498,13 +498,16 @@ def test_search_traces_try_only_new_legal_attempts_and_learn_every_attempt_after
         assert all(learn for _, learn in pieces[1:]) and pieces[0][1] == (t.keep is None)  # all but a missed z_0
 
 
-def test_the_warm_start_builds_warm_traces_traces_per_problem_each_from_its_own_draws(monkeypatch, tmp_path):
+def test_the_warm_start_builds_two_traces_per_problem_each_from_its_own_draws(monkeypatch, tmp_path):
     problems, rng, built = tasks.make_split(TASK, 30, 1, seed=0)[0], random.Random(0), []
     monkeypatch.setattr(mrt, "sample_completions", lambda model, task, problems, *rest, samples: (None, [
         encode(tasks.attempt_text(task, p, task.random_play(task.start(p), rng))) for p in problems for _ in
         range(samples)]))
     search = mrt.build_search_traces
-    monkeypatch.setattr(mrt, "build_search_traces", lambda *args: built.extend(search(*args)) or built)
+    def keep_what_it_builds(*args):
+        built.extend(search(*args))
+        return built
+    monkeypatch.setattr(mrt, "build_search_traces", keep_what_it_builds)
     cfg = train.Config(warm_traces=2, warm_steps=0)
     train.train_warm(tiny_model(), TASK, problems, cfg, torch.device("cpu"), lambda **row: None,
                      train.Checkpoint(str(tmp_path / "warm.pt"), {}, 0, cfg))
@@ -990,7 +993,6 @@ def test_a_checkpoint_from_before_an_option_was_renamed_or_added_is_checked_as_w
     saved = {k: v for k, v in train.stage_config(cfg, "warm").items() if k not in ("train_room", "warm_traces")}
     torch.save({"model": {}, "model_args": {}, "stage_config": saved | {"max_think": 32}, "step": cfg.warm_steps}, path)
     assert train.Checkpoint(path, train.stage_config(cfg, "warm"), cfg.warm_steps, cfg).finished()  # its old name
-    with pytest.raises(train.UserError, match="train_room"):  # not silently reused at the default room, 64
-        train.Checkpoint(path, train.stage_config(train.Config(warm_traces=1), "warm"), cfg.warm_steps, cfg)
-    with pytest.raises(train.UserError, match="warm_traces"):  # nor as the default's two traces per problem
-        train.Checkpoint(path, train.stage_config(train.Config(train_room=32), "warm"), cfg.warm_steps, cfg)
+    for default, option in ((train.Config(warm_traces=1), "train_room"), (train.Config(train_room=32), "warm_traces")):
+        with pytest.raises(train.UserError, match=option):  # not silently reused at the default room or traces
+            train.Checkpoint(path, train.stage_config(default, "warm"), cfg.warm_steps, default)

@@ -143,7 +143,7 @@ def train_warm(base, task, train, cfg: Config, device, log, checkpoint) -> GPT:
     (rng, batches), gen = stage_rngs(cfg, "warm"), torch.Generator(device).manual_seed(cfg.seed)
     base.eval()
     with autocast(device):
-        problems = rng.sample(train, min(cfg.warm_problems, len(train))) * cfg.warm_traces  # each: its own draws
+        problems = rng.sample(train, min(cfg.warm_problems, len(train))) * cfg.warm_traces  # each copy: a fresh draw
         traces = mrt.build_search_traces(base, task, problems, 2 * cfg.warm_rollouts, cfg.train_room, gen, rng) \
             if cfg.restart == "search" else mrt.build_traces(base, task, problems, cfg.warm_rollouts, cfg.train_room,
                                                              gen, rng, cfg.restart)
@@ -544,7 +544,7 @@ def stage_config(cfg: Config, stage: str) -> dict:
 
 
 def load_checkpoint(path: str, device) -> dict:
-    """A checkpoint dict, options saved under an older name renamed; a truncated or foreign file is a UserError."""
+    """A checkpoint dict, old option names renamed, new options at their old value; a bad file is a UserError."""
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
         assert isinstance(blob, dict) and {"model", "model_args", "stage_config", "step"} <= blob.keys()
@@ -552,7 +552,7 @@ def load_checkpoint(path: str, device) -> dict:
         raise UserError(f"{path}: not a readable mrt checkpoint ({type(e).__name__}); "
                         f"delete it or pass --fresh") from None
     renamed = {{"max_think": "train_room"}.get(k, k): v for k, v in blob["stage_config"].items()}
-    blob["stage_config"] = {"warm_traces": 1, **renamed}  # files from before the option had one trace per problem
+    blob["stage_config"] = {"warm_traces": 1, **renamed}  # a warm-start saved without it had one trace per problem
     return blob
 
 
