@@ -1,6 +1,6 @@
 """The whole MRT pipeline in one script: base model -> backtracking warm-start -> RL (outcome vs MRT) -> evaluation.
 
-    python train.py            # the CPU default (3-number Countdown, ~17 min on 2 cores); see --help
+    python train.py            # the CPU default (3-number Countdown, ~18 min on 2 cores); see --help
     python train.py --smoke    # tiny sizes, the whole pipeline in seconds
     python train.py --preset long / gpu   # a warm-start twice as long (~23 min) / 4 numbers, a larger model
 
