@@ -544,7 +544,7 @@ def stage_config(cfg: Config, stage: str) -> dict:
 
 
 def load_checkpoint(path: str, device) -> dict:
-    """A checkpoint dict, old option names renamed, new options at their old value; a bad file is a UserError."""
+    """A checkpoint dict, its options under today's names, those it lacks filled in; a bad file is a UserError."""
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
         assert isinstance(blob, dict) and {"model", "model_args", "stage_config", "step"} <= blob.keys()
@@ -552,8 +552,8 @@ def load_checkpoint(path: str, device) -> dict:
         raise UserError(f"{path}: not a readable mrt checkpoint ({type(e).__name__}); "
                         f"delete it or pass --fresh") from None
     renamed = {{"max_think": "train_room"}.get(k, k): v for k, v in blob["stage_config"].items()}
-    blob["stage_config"] = {"warm_traces": 1, **renamed}  # a warm-start saved without it had one trace per problem
-    return blob
+    blob["stage_config"] = {**DEFAULTS, "warm_traces": 1, **renamed}  # what older files lack: made at the default,
+    return blob                                                       # but with one warm-start trace per problem
 
 
 def model_from(blob: dict, device) -> GPT:
@@ -571,8 +571,8 @@ class Checkpoint:
     def __init__(self, path: str, stage_cfg: dict, steps: int, cfg: Config):
         self.path, self.stage_cfg, self.steps, self.every = path, stage_cfg, steps, cfg.snapshot_every
         self.blob = None if cfg.fresh or not os.path.exists(path) else load_checkpoint(path, "cpu")
-        saved = {**DEFAULTS, **self.blob["stage_config"]} if self.blob else stage_cfg  # older files: newer options
-        diff = sorted(k for k in stage_cfg if saved.get(k) != stage_cfg[k])              # at their defaults
+        saved = self.blob["stage_config"] if self.blob else stage_cfg  # an older file's completed by load_checkpoint
+        diff = sorted(k for k in stage_cfg if saved.get(k) != stage_cfg[k])
         if diff:
             raise UserError(f"{path} was made with different options ({', '.join(diff)}); "
                             f"pass --fresh to overwrite it or choose another --out-dir")
