@@ -24,7 +24,7 @@ def activation_dtype(model):
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else model.wte.weight.dtype
 
 
-MAX_CACHE_BYTES = 8 * 2 ** 30  # the KV cache of one sampling call stays below this (`mrt.complete` chunks above it)
+MAX_CACHE_BYTES = 2 * 2 ** 30  # the KV cache of one sampling call stays below this (`mrt.complete` chunks above it)
 
 
 def rows_that_fit(model, length: int) -> int:
