@@ -552,8 +552,8 @@ def load_checkpoint(path: str, device) -> dict:
         raise UserError(f"{path}: not a readable mrt checkpoint ({type(e).__name__}); "
                         f"delete it or pass --fresh") from None
     renamed = {{"max_think": "train_room"}.get(k, k): v for k, v in blob["stage_config"].items()}
-    blob["stage_config"] = {**DEFAULTS, "warm_traces": 1, **renamed}  # what older files lack: made at the default,
-    return blob                                                       # but with one warm-start trace per problem
+    blob["stage_config"] = {**DEFAULTS, "warm_traces": 1, **renamed}  # older files: defaults, but one trace
+    return blob
 
 
 def model_from(blob: dict, device) -> GPT:
@@ -571,7 +571,7 @@ class Checkpoint:
     def __init__(self, path: str, stage_cfg: dict, steps: int, cfg: Config):
         self.path, self.stage_cfg, self.steps, self.every = path, stage_cfg, steps, cfg.snapshot_every
         self.blob = None if cfg.fresh or not os.path.exists(path) else load_checkpoint(path, "cpu")
-        saved = self.blob["stage_config"] if self.blob else stage_cfg  # an older file's completed by load_checkpoint
+        saved = self.blob["stage_config"] if self.blob else stage_cfg  # load_checkpoint completes older files
         diff = sorted(k for k in stage_cfg if saved.get(k) != stage_cfg[k])
         if diff:
             raise UserError(f"{path} was made with different options ({', '.join(diff)}); "
