@@ -158,13 +158,11 @@ def score_stream(task, problem, completion) -> dict:
     keys = [tasks.answer_key(task, a) for a in attempts]
     z_0 = episodes[0] if episodes else []
     to_verdict = next((i + 1 for i, t in enumerate(z_0) if t in tasks.VERDICT_IDS), len(z_0))  # what a restart costs
-    return {"right": tasks.verify(task, problem, text),
-            "first_right": tasks.is_correct(task, problem, attempts[0]), "tokens": len(thinking),
-            "episodes": len(episodes), "first_tokens": to_verdict,
+    return {"right": tasks.verify(task, problem, text), "first_right": tasks.is_correct(task, problem, attempts[0]),
+            "tokens": len(thinking), "episodes": len(episodes), "first_tokens": to_verdict,
             "later": [(j, tasks.is_correct(task, problem, a), keys[j] in keys[:j])
                       for j, a in enumerate(attempts) if j and len(a) == task.n_numbers - 1],
-            "answered": tasks.parse_output(text).answer is not None,
-            "backtracked": tasks.BACKTRACK_ID in thinking,
+            "answered": tasks.parse_output(text).answer is not None, "backtracked": tasks.BACKTRACK_ID in thinking,
             "ends_on_target": last_step is not None and last_step[3] == problem[1]}
 
 
@@ -239,13 +237,11 @@ def report(evals: dict, seed: int) -> dict:
                        for name, ms in per_model.items()}
     pairs = [(a, b) for i, b in enumerate(arms) for a in arms[i + 1:]] + [(a, ref) for ref in ("base", "warm")
                                                                           for a in arms]  # "warm": what RL adds
-    paired = {f"{a} - {b}": {k: bootstrap(per_model[a][k] - per_model[b][k], seed) for k in COMPARED}
-              for a, b in pairs}
+    paired = {f"{a} - {b}": {k: bootstrap(per_model[a][k] - per_model[b][k], seed) for k in COMPARED} for a, b in pairs}
     for a, b in pairs:  # with few seeds the interval understates the seed-to-seed spread: show each seed's gap
         gaps = (per_model[a]["accuracy"] - per_model[b]["accuracy"]).mean(1)
         paired[f"{a} - {b}"]["accuracy_per_seed"] = gaps.tolist()
-    # Thinking tokens to reach a target accuracy on the budget-forced curve: the base model's accuracy with the whole
-    # budget (a target fixed by no RL arm), and outcome RL's (the paper's token efficiency).
+    # Budget-forced tokens to reach the base model's whole-budget accuracy (a target set by no RL arm) and outcome RL's.
     budgets = evals["base"][0]["budgets"]
     reach = lambda target: {"target": target, **{name: tokens_to_reach(budgets, s["budget_accuracy"]["mean"], target)
                                                  for name, s in summary.items()}}
@@ -340,7 +336,8 @@ def print_table(results: dict, cfg):
               f"{s['thinking_tokens']['mean']:>7.1f}{s['episodes']['mean']:>9.2f}"
               f"{rates['backtrack_after_wrong_first']:>9.0%} /{rates['backtrack_after_right_first']:>4.0%}"
               + "".join(f"{s['pass@' + str(k)]['mean']:>8.3f}" for k in ks[1:]) + f"{s['restarts']['mean'][-1]:>9.3f}")
-    print(f"(test problems: {results['test_problems']}, {cfg.eval_streams} streams each; RL seeds: {cfg.rl_seeds}; "
+    print(f"(test problems: {results['test_problems']}, {cfg.eval_streams} streams each; RL seeds: {cfg.rl_seeds}"
+          f"{' (a warm start each)' if cfg.warm_per_seed else ''}; "
           f"95% bootstrap intervals over problems and seeds; μ on {cfg.value_streams} streams per problem; "
           f"restarts: the model's own first attempts, as many as fit in the room, checked by the environment)")
     rows = [("accuracy", "accuracy", None, 3), ("first-attempt accuracy", "first_attempt_accuracy", None, 3),

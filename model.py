@@ -121,8 +121,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Token embeddings, n_layer blocks (positions enter through rotary q and k), a final LayerNorm and the tied
-    output head."""
+    """Token embeddings, n_layer blocks (rotary positions on q and k), a final LayerNorm and the tied output head."""
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config

@@ -28,7 +28,6 @@ SPECIALS = ["<|bos|>", "<|eos|>", "<|backtrack|>", "<|answer|>", "<|pad|>", "<|r
 BOS, EOS, BACKTRACK, ANSWER, PAD, REACHED, MISSED = SPECIALS
 _SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIALS))
 
-
 # One token per character of ALPHABET (`[\s\S]` splits text into single characters, newline included, so BPE never
 # merges anything), plus one id per special token.
 TOKENIZER = tiktoken.Encoding(name="mrt-char", pat_str=r"[\s\S]",
@@ -430,9 +429,8 @@ class Trace:
     learn_retries: bool = False  # learn the failed retries too (a search to imitate), not only the backtracks
 
     def pieces(self, task) -> list[tuple[str, bool]]:
-        """The SFT example as (text, learn) pieces: the loss skips z_0 and, unless `learn_retries`, the retries (a
-        failure is not something to imitate) but learns every backtrack. A backtrack line opens the episode of the
-        attempt after it."""
+        """The SFT example as (text, learn) pieces: the loss skips z_0 and, unless `learn_retries`, the retries (not
+        to be imitated) but learns every backtrack. A backtrack line opens the episode of the attempt after it."""
         first = attempt_text(task, self.problem, self.first_attempt)
         if self.keep is None:
             return [(first + ANSWER + steps_text(self.first_attempt) + EOS, True)]

@@ -745,6 +745,20 @@ def test_an_rl_stage_interrupted_midway_resumes_to_the_same_weights(smoke_run, c
     assert any(not torch.equal(whole[k], weights(tmp_path / "whole" / "warm.pt")[k]) for k in whole)
 
 
+def test_with_a_warm_start_per_seed_each_rl_seed_starts_from_its_own(smoke_run, tmp_path, capsys):
+    (tmp_path / "base.pt").write_bytes((smoke_run[0] / "base.pt").read_bytes())
+    flags = ["--smoke", "--out-dir", str(tmp_path), "--rl-seeds", "2", "--arms", "outcome", "--rl-steps", "0"]
+    train.main(flags + ["--warm-per-seed"])
+    warm0, warm1, rl0, rl1 = (weights(tmp_path / f"{name}.pt") for name in
+                              ("warm", "warm_seed1", "rl_outcome_seed0", "rl_outcome_seed1"))
+    assert any(not torch.equal(warm0[k], warm1[k]) for k in warm0)  # a second draw
+    assert all(torch.equal(rl0[k], warm0[k]) and torch.equal(rl1[k], warm1[k]) for k in warm0)  # 0 RL steps: a copy
+    assert len(json.loads((tmp_path / "results.json").read_text())["per_problem"]["warm"]) == 2  # paired by seed
+    with pytest.raises(SystemExit):  # without the flag, RL seed 1 starts from warm.pt: its file is refused
+        train.main(flags)
+    assert "rl_outcome_seed1.pt" in capsys.readouterr().err
+
+
 def test_second_task_trains_end_to_end(tmp_path):
     train.main(["--smoke", "--task", "chain", "--out-dir", str(tmp_path)])
     test_set = json.loads((tmp_path / "results.json").read_text())["test_set"]
@@ -996,3 +1010,8 @@ def test_a_checkpoint_from_before_an_option_was_renamed_or_added_is_checked_as_w
     for default, option in ((train.Config(warm_traces=1), "train_room"), (train.Config(train_room=32), "warm_traces")):
         with pytest.raises(train.UserError, match=option):  # not silently reused at the default room or traces
             train.Checkpoint(path, train.stage_config(default, "warm"), cfg.warm_steps, default)
+    rl, key = str(tmp_path / "rl_outcome_seed1.pt"), train.stage_config(cfg, "outcome") | {"rl_seed": 1}
+    torch.save({"model": {}, "model_args": {}, "stage_config": key, "step": cfg.rl_steps}, rl)  # before --warm-per-seed
+    assert train.Checkpoint(rl, key | {"warm_seed": cfg.seed}, cfg.rl_steps, cfg).finished()  # RL from warm.pt
+    with pytest.raises(train.UserError, match="warm_seed"):  # not from RL seed 1's own warm start
+        train.Checkpoint(rl, key | {"warm_seed": 1}, cfg.rl_steps, cfg)

@@ -18,7 +18,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import get_type_hints
 
@@ -150,8 +150,8 @@ def train_warm(base, task, train, cfg: Config, device, log, checkpoint) -> GPT:
     text = lambda t: task.prompt(t.problem) + "".join(piece for piece, _ in t.pieces(task))
     traces = [t for t in traces if len(tasks.encode(text(t))) <= cfg.block_size + 1]  # long misses can overflow
     backtracks = sum(t.keep is not None for t in traces)
-    print(f"warm-start: {len(traces)} traces, {backtracks} backtrack after a failed first attempt")
-    log(stage="warm", traces=len(traces), backtrack_traces=backtracks)
+    print(f"warm-start (seed {cfg.seed}): {len(traces)} traces, {backtracks} backtrack after a failed first attempt")
+    log(stage="warm", seed=cfg.seed, traces=len(traces), backtrack_traces=backtracks)
     # Replay base examples too (one problem's worth per `solutions_per_problem` traces): keeps the skills and μ.
     replayed = rng.sample(train, min(len(train), max(1, len(traces) // cfg.solutions_per_problem)))
     replay = tasks.base_examples(task, replayed, cfg.solutions_per_problem, cfg.cut_prob, cfg.practice_per_problem, rng)
@@ -239,18 +239,21 @@ def run(cfg: Config) -> dict:
         return model
 
     base = stage("base", stage_config(cfg, "base"), cfg.base_steps, train_base, task, train, test, cfg, device, log)
-    warm = stage("warm", stage_config(cfg, "warm"), cfg.warm_steps, train_warm, base, task, train, cfg, device, log)
     arms, seeds = cfg.arms.split(","), list(range(cfg.seed, cfg.seed + cfg.rl_seeds))
-    models = {"base": [base], "warm": [warm], **{arm: [] for arm in arms}}
+    warm_of = lambda seed: seed if cfg.warm_per_seed else cfg.seed  # RL seed -> the seed its warm start is drawn with
+    warms = {s: stage("warm" if s == cfg.seed else f"warm_seed{s}", {**stage_config(cfg, "warm"), "warm_seed": s},
+                      cfg.warm_steps, train_warm, base, task, train, replace(cfg, seed=s), device, log)
+             for s in (seeds if cfg.warm_per_seed else [cfg.seed])}  # s draws traces, SFT batches (warm.pt: --seed)
+    models = {"base": [base], "warm": list(warms.values()), **{arm: [] for arm in arms}}
     for seed in seeds:
         for arm in arms:
-            models[arm].append(stage(f"rl_{arm}_seed{seed}", {**stage_config(cfg, arm), "rl_seed": seed}, cfg.rl_steps,
-                                     train_rl, warm, task, train, test, cfg, arm, seed, device, log))
+            key = {**stage_config(cfg, arm), "rl_seed": seed, "warm_seed": warm_of(seed)}
+            models[arm].append(stage(f"rl_{arm}_seed{seed}", key, cfg.rl_steps, train_rl, warms[warm_of(seed)], task,
+                                     train, test, cfg, arm, seed, device, log))
 
     start = time.time()
-    evals = {name: [evaluation.evaluate(m, task, test, cfg, device) for m in tqdm(group, desc=f"evaluate {name}",
-                                                                                  leave=False)]
-             for name, group in models.items()}
+    evals = {name: [evaluation.evaluate(m, task, test, cfg, device)
+                    for m in tqdm(group, desc=f"evaluate {name}", leave=False)] for name, group in models.items()}
     timings["evaluation"] = time.time() - start
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
@@ -374,7 +377,9 @@ class Config:
     alpha: float = opt(1.0, "weight α of the progress bonus in the MRT reward", 0)
     mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})", 1)
     train_room: int = opt(64, "room of a whole completion (thinking and answer) in warm-start sampling and RL", 1)
-    rl_seeds: int = opt(1, "RL seeds (each runs every arm from the same warm start)", 1)
+    rl_seeds: int = opt(1, "RL seeds (each runs every arm from one warm start, or its own: --warm-per-seed)", 1)
+    warm_per_seed: bool = opt(False, "each RL seed starts from its own warm start, drawn with that seed (its traces, "
+                                     "its SFT batches), so that the intervals cover the warm start's draw too")
     curve_every: int = opt(40, "RL steps between held-out accuracy checks, the learning curve (0: none)", 0)
     curve_streams: int = opt(4, "sampled streams per test problem at each learning-curve check", 1)
     # evaluation
@@ -552,7 +557,8 @@ def load_checkpoint(path: str, device) -> dict:
         raise UserError(f"{path}: not a readable mrt checkpoint ({type(e).__name__}); "
                         f"delete it or pass --fresh") from None
     renamed = {{"max_think": "train_room"}.get(k, k): v for k, v in blob["stage_config"].items()}
-    blob["stage_config"] = {**DEFAULTS, "warm_traces": 1, **renamed}  # older files: defaults, but one trace
+    # Older files: the defaults, but one trace, and RL from warm.pt (the warm start drawn with the run's --seed).
+    blob["stage_config"] = {**DEFAULTS, "warm_traces": 1, "warm_seed": renamed.get("seed"), **renamed}
     return blob
 
 
