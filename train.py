@@ -243,7 +243,7 @@ def run(cfg: Config) -> dict:
     warm_of = lambda seed: seed if cfg.warm_per_seed else cfg.seed  # RL seed -> the seed its warm start is drawn with
     warms = {s: stage("warm" if s == cfg.seed else f"warm_seed{s}", {**stage_config(cfg, "warm"), "warm_seed": s},
                       cfg.warm_steps, train_warm, base, task, train, replace(cfg, seed=s), device, log)
-             for s in (seeds if cfg.warm_per_seed else [cfg.seed])}  # s draws traces, SFT batches (warm.pt: --seed)
+             for s in sorted(set(map(warm_of, seeds)))}  # s draws its traces and SFT batches (warm.pt: --seed)
     models = {"base": [base], "warm": list(warms.values()), **{arm: [] for arm in arms}}
     for seed in seeds:
         for arm in arms:
