@@ -580,8 +580,8 @@ class Checkpoint:
         saved = self.blob["stage_config"] if self.blob else stage_cfg  # load_checkpoint completes older files
         diff = sorted(k for k in stage_cfg if saved.get(k) != stage_cfg[k])
         if diff:
-            raise UserError(f"{path} was made with different options ({', '.join(diff)}); "
-                            f"pass --fresh to overwrite it or choose another --out-dir")
+            raise UserError(f"{path} was made with different options ({', '.join(diff)}); delete it to run this "
+                            f"stage again, choose another --out-dir, or pass --fresh to run every stage again")
 
     def finished(self) -> bool:
         """Whether the file holds the stage's last step."""
