@@ -178,8 +178,8 @@ def later_attempt_counts(scored: list[dict], m: int) -> np.ndarray:
 
 def restart_accuracy(first_right: int, m: int, first_tokens: float, budgets: list) -> list[float]:
     """Restarts checked by the environment, the parallel comparator at equal thinking tokens: at each budget B, pass@k
-    of a problem's m first attempts z_0 (`first_right` reached), k = ⌊B / their mean tokens⌋ (at most m). No answer
-    is forced after B (below one attempt: 0); at the room it may use the tokens a stream keeps for its answer."""
+    of a problem's m first attempts z_0 (`first_right` reached), k = ⌊B / their mean tokens⌋ (at most m), at the room
+    using the tokens a stream keeps for its answer. No answer after them: `measures` adds budget-forcing's answer."""
     return [pass_at_k(m, first_right, min(m, int(B // max(first_tokens, 1)))) for B in budgets]
 
 
@@ -195,6 +195,8 @@ def measures(evals: list[dict]) -> dict:
     get = lambda key: np.array([e[key] for e in evals], dtype=float)
     m = evals[0]["streams"]
     J, forced = get("J"), get("budget_accuracy")
+    restarts = np.array([[restart_accuracy(int(c), m, t, e["budgets"]) for c, t in
+                          zip(e["first_right"], e["first_attempt_tokens"])] for e in evals])
     return {
         "accuracy": get("successes") / m, "first_attempt_accuracy": get("first_right") / m,
         "thinking_tokens": get("thinking_tokens"), "episodes": get("episodes"),
@@ -202,8 +204,9 @@ def measures(evals: list[dict]) -> dict:
         "J": J, "regret": np.apply_along_axis(mrt.cumulative_regret, -1, J),  # [..., k-1]: Δ_k, J(π*) = 1
         "budget_accuracy": forced,
         "budget_regret": (1 - forced).sum(-1),  # Σ_B (J(π*) − accuracy at B) over the budget grid
-        "restarts": np.array([[restart_accuracy(int(c), m, t, e["budgets"]) for c, t in
-                               zip(e["first_right"], e["first_attempt_tokens"])] for e in evals]),  # [..., b]
+        "restarts": restarts,  # [..., b]
+        # Budget-forced accuracy ends in μ's unchecked answer: its restarts get one where none reached, μ's at B = 0.
+        "restarts_then_answer": 1 - (1 - restarts) * (1 - forced[..., :1]),  # 1 − (1 − pass@k)(1 − J(μ | x))
     }
 
 
@@ -231,9 +234,9 @@ def report(evals: dict, seed: int) -> dict:
     per_model = {name: measures(e) for name, e in evals.items()}
     summary = {name: {k: bootstrap(x, seed) for k, x in ms.items()} for name, ms in per_model.items()}
     arms = [name for name in evals if name not in ("base", "warm")]
-    restarts = per_model["base"]["restarts"]  # (1, P, budgets): the base model's restarts, against every model
-    versus_restarts = {name: {"accuracy": bootstrap(ms["accuracy"] - restarts[..., -1], seed),  # at the room
-                              "budget_accuracy": bootstrap(ms["budget_accuracy"] - restarts, seed)}
+    base = per_model["base"]  # (1, P, budgets): the base model's restarts, against every model
+    versus_restarts = {name: {"accuracy": bootstrap(ms["accuracy"] - base["restarts"][..., -1], seed),  # at the room
+                              "budget_accuracy": bootstrap(ms["budget_accuracy"] - base["restarts_then_answer"], seed)}
                        for name, ms in per_model.items()}
     pairs = [(a, b) for i, b in enumerate(arms) for a in arms[i + 1:]] + [(a, ref) for ref in ("base", "warm")
                                                                           for a in arms]  # "warm": what RL adds
@@ -355,25 +358,26 @@ def print_table(results: dict, cfg):
     print("(* the interval excludes 0: only there is a difference claimed; Δ and Σ_B regret against J(π*) = 1)")
     show = lambda x, form=".3f": "n/a" if x is None else format(x, form)
     print(f"the search against restarts of the base model (its first attempts, as many as fit in B thinking tokens, "
-          f"checked by the environment): accuracy − restarts at the room ({budgets[-1]}); budget-forced at B =")
+          f"checked by the environment): accuracy − restarts at the room ({budgets[-1]}); budget-forced (μ answers "
+          f"after the restarts too) at B =")
     for name, v in results["versus_base_restarts"].items():
-        print(f"  {name:<11}{cell(v['accuracy'])}" + "".join(f"  {budgets[i]}: {cell(v['budget_accuracy'], i)}"
+        print(f"  {name:<12}{cell(v['accuracy'])}" + "".join(f"  {budgets[i]}: {cell(v['budget_accuracy'], i)}"
                                                             for i, b in enumerate(budgets) if b in (16, 32, 48, 64)))
     print("later attempts the environment checked: per stream, success (the base model's first attempt on the same "
           "problems), the same for z_1, z_2, z_3, z_4+; repeats of an earlier attempt; streams that never answer:")
     for name, a in results["later_attempts"].items():
         versus_base = lambda x: f"{show(x['success'])} ({show(x['base_first_attempt'])})"
-        print(f"  {name:<11}{a['per_stream']:.2f}  {versus_base(a)}  " + "  ".join(map(versus_base, a["by_index"]))
+        print(f"  {name:<12}{a['per_stream']:.2f}  {versus_base(a)}  " + "  ".join(map(versus_base, a["by_index"]))
               + f"  repeats {show(a['repeats'], '.1%')}  never answer {a['never_answer']:.1%}")
     print("μ's progress bonus r_prg per episode (value streams): correlation with 1[the episode reached the target]; "
           "mean bonus [95% interval over problems] (count) by kind of episode; J − J(μ | x) after a stream's 1st, 2nd, "
           "3rd distinct miss, among streams still missing (none reached or unfinished):")
     for name, b in results["progress_bonus"].items():
-        print(f"  {name:<11}corr {show(b['corr_with_reached'], '.2f'):>5}  " + "  ".join(
+        print(f"  {name:<12}corr {show(b['corr_with_reached'], '.2f'):>5}  " + "  ".join(
             f"{k} {show(v['mean'], '+.3f')} [{show(v['low'], '+.3f')}, {show(v['high'], '+.3f')}] ({v['n']})"
             for k, v in b.items() if k != "corr_with_reached"))
     for arm, curve in results.get("learning_curve", {}).items():
-        print(f"held-out accuracy during RL, {arm:<11}" + "  ".join(f"step {s}: {a:.3f}" for s, a in
+        print(f"held-out accuracy during RL, {arm:<12}" + "  ".join(f"step {s}: {a:.3f}" for s, a in
                                                                  zip(curve["steps"], curve["accuracy"])))
     for key, whose in (("base", "the base model's"), ("outcome", "outcome RL's")):
         reach = results[f"tokens_to_reach_{key}_accuracy"]
@@ -399,8 +403,8 @@ def plot(results: dict, out_dir: str):
         ax2.plot(k, s["regret"]["mean"], label=name, color=line.get_color())
         ax2.fill_between(k, s["regret"]["low"], s["regret"]["high"], color=line.get_color(), alpha=0.15)
     base = results["summary"]["base"]
-    ax1.plot(results["budgets"], base["restarts"]["mean"], "k:", marker="x",
-             label="base, restarts checked by the environment")
+    ax1.plot(results["budgets"], base["restarts_then_answer"]["mean"], "k:", marker="x",
+             label="base, restarts checked by the environment (then μ answers)")
     ax1.axvline(results["config"]["train_room"], color="gray", ls=":", lw=1, label="RL room (--train-room)")
     ax1.set(xlabel="thinking tokens", ylabel="accuracy", title="accuracy vs thinking tokens (95% intervals)")
     ax2.set(xlabel="episodes k", ylabel="cumulative regret Δ_k  (J(π*) = 1)", title="cumulative regret",

@@ -66,11 +66,8 @@ def parse_step(line: str):
 
 
 OPERATIONS = {  # a op b, or None where the result would not be a positive integer
-    "+": lambda a, b: a + b,
-    "-": lambda a, b: a - b if a > b else None,
-    "*": lambda a, b: a * b,
-    "/": lambda a, b: a // b if b and a % b == 0 else None,
-}
+    "+": lambda a, b: a + b, "-": lambda a, b: a - b if a > b else None,
+    "*": lambda a, b: a * b, "/": lambda a, b: a // b if b and a % b == 0 else None}
 
 
 def calculate(a: int, op: str, b: int):

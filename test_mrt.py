@@ -933,6 +933,16 @@ def test_restarts_are_pass_at_k_of_the_first_attempts_that_fit_the_budget():
     assert evaluation.restart_accuracy(2, 4, 10.0, [0, 9, 10, 25, 100]) == pytest.approx([0, 0, 0.5, 5 / 6, 1])
 
 
+def test_budget_forced_restarts_answer_as_mu_does_where_none_reached():
+    # 2 of 4 first attempts reached, 10 tokens each; μ answering with no thinking is right half the time (accuracy at
+    # B = 0). B = 0: only that answer, 0.5; B = 10: one restart (0.5), then μ where it missed: 1 − 0.5 · 0.5.
+    one = {"streams": 4, "budgets": [0, 10], "first_right": [2], "first_attempt_tokens": [10.0], "successes": [2],
+           "budget_accuracy": [[0.5, 0.6]], "J": [[0.5, 0.6]], "thinking_tokens": [10.0], "episodes": [1.0]}
+    got = evaluation.measures([one])
+    assert got["restarts"][0, 0].tolist() == [0, 0.5]
+    assert got["restarts_then_answer"][0, 0] == pytest.approx([0.5, 0.75])
+
+
 def test_the_anatomy_of_a_search_counts_later_attempts_repeats_and_streams_without_answer():
     problem = ((1, 2, 3), 6)
     scored = evaluation.score_stream(TASK, problem, encode(SEARCH + ANSWER + "2*3=6\n6*1=6\n" + EOS))

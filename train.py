@@ -403,8 +403,7 @@ class Config:
 
 
 PRESETS = {
-    "cpu": {},
-    "long": dict(warm_steps=1800, out_dir="out/long"),
+    "cpu": {}, "long": dict(warm_steps=1800, out_dir="out/long"),
     "gpu": dict(n_numbers=4, n_layer=6, n_head=6, n_embd=384, block_size=192, base_steps=4000, batch_size=256,
                 warm_problems=4096, rl_steps=200, rl_prompts=32, train_room=128, n_test=1000, lr=1e-3),
     "smoke": dict(n_train=1000, n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
