@@ -206,7 +206,7 @@ def measures(evals: list[dict]) -> dict:
         "budget_regret": (1 - forced).sum(-1),  # Σ_B (J(π*) − accuracy at B) over the budget grid
         "restarts": restarts,  # [..., b]
         # Budget-forced accuracy ends in μ's unchecked answer: its restarts get one where none reached, μ's at B = 0.
-        "restarts_then_answer": 1 - (1 - restarts) * (1 - forced[..., :1]),  # 1 − (1 − pass@k)(1 − J(μ | x))
+        "restarts_then_answer": 1 - (1 - restarts) * (1 - forced[..., :1]),  # budgets[0] = 0: ≈ J(μ | x)
     }
 
 
@@ -234,7 +234,7 @@ def report(evals: dict, seed: int) -> dict:
     per_model = {name: measures(e) for name, e in evals.items()}
     summary = {name: {k: bootstrap(x, seed) for k, x in ms.items()} for name, ms in per_model.items()}
     arms = [name for name in evals if name not in ("base", "warm")]
-    base = per_model["base"]  # (1, P, budgets): the base model's restarts, against every model
+    base = per_model["base"]  # its restarts (1, P, budgets) are every model's comparator
     versus_restarts = {name: {"accuracy": bootstrap(ms["accuracy"] - base["restarts"][..., -1], seed),  # at the room
                               "budget_accuracy": bootstrap(ms["budget_accuracy"] - base["restarts_then_answer"], seed)}
                        for name, ms in per_model.items()}
@@ -358,8 +358,8 @@ def print_table(results: dict, cfg):
     print("(* the interval excludes 0: only there is a difference claimed; Δ and Σ_B regret against J(π*) = 1)")
     show = lambda x, form=".3f": "n/a" if x is None else format(x, form)
     print(f"the search against restarts of the base model (its first attempts, as many as fit in B thinking tokens, "
-          f"checked by the environment): accuracy − restarts at the room ({budgets[-1]}); budget-forced (μ answers "
-          f"after the restarts too) at B =")
+          f"checked by the environment): accuracy − restarts at the room ({budgets[-1]}); budget-forced − "
+          f"(restarts, then the base model's answer after no thinking where none reached) at B =")
     for name, v in results["versus_base_restarts"].items():
         print(f"  {name:<12}{cell(v['accuracy'])}" + "".join(f"  {budgets[i]}: {cell(v['budget_accuracy'], i)}"
                                                             for i, b in enumerate(budgets) if b in (16, 32, 48, 64)))

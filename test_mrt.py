@@ -934,13 +934,15 @@ def test_restarts_are_pass_at_k_of_the_first_attempts_that_fit_the_budget():
 
 
 def test_budget_forced_restarts_answer_as_mu_does_where_none_reached():
-    # 2 of 4 first attempts reached, 10 tokens each; μ answering with no thinking is right half the time (accuracy at
-    # B = 0). B = 0: only that answer, 0.5; B = 10: one restart (0.5), then μ where it missed: 1 − 0.5 · 0.5.
-    one = {"streams": 4, "budgets": [0, 10], "first_right": [2], "first_attempt_tokens": [10.0], "successes": [2],
-           "budget_accuracy": [[0.5, 0.6]], "J": [[0.5, 0.6]], "thinking_tokens": [10.0], "episodes": [1.0]}
+    # Problem 0: 2 of 4 first attempts reached, 10 tokens each; its accuracy at B = 0 (μ answering with no thinking)
+    # is 0.5. Problem 1: none reached, 20 tokens each, 0.25 at B = 0. J differs from that on purpose: unused here.
+    one = {"streams": 4, "budgets": [0, 10, 20], "first_right": [2, 0], "first_attempt_tokens": [10.0, 20.0],
+           "successes": [2, 0], "budget_accuracy": [[0.5, 0.6, 0.7], [0.25, 0.3, 0.4]], "J": [[0.9, 0.9], [0.9, 0.9]],
+           "thinking_tokens": [10.0, 20.0], "episodes": [1.0, 1.0]}
     got = evaluation.measures([one])
-    assert got["restarts"][0, 0].tolist() == [0, 0.5]
-    assert got["restarts_then_answer"][0, 0] == pytest.approx([0.5, 0.75])
+    assert np.allclose(got["restarts"][0], [[0, 0.5, 5 / 6], [0, 0, 0]])  # pass@0, pass@1, pass@2 of 2 in 4
+    # where none of the k restarts reached (1 − pass@k), the answer at B = 0: 1 − (1 − pass@k)(1 − accuracy at B = 0)
+    assert np.allclose(got["restarts_then_answer"][0], [[0.5, 0.75, 1 - (1 / 6) * 0.5], [0.25, 0.25, 0.25]])
 
 
 def test_the_anatomy_of_a_search_counts_later_attempts_repeats_and_streams_without_answer():
