@@ -175,7 +175,7 @@ def main():
     if args.profile:
         return profile_training(cfg, device)
     peak = matmul_peak(device)
-    results = {"device": str(device), "machine": evaluation.machine(), "threads": torch.get_num_threads(),
+    results = {"device": str(device), "machine": evaluation.machine(device), "threads": torch.get_num_threads(),
                "preset": args.preset, "matmul_peak_gflops": peak / 1e9,
                "training": bench_training(cfg, device, peak), "sampling": bench_sampling(cfg, device),
                "environment": bench_environment(cfg, device, args.out_dir),

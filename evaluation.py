@@ -307,10 +307,11 @@ def stage_seconds(log_path: str) -> dict:
         if os.path.exists(log_path) else {}
 
 
-def machine() -> str:
-    """What the numbers were measured on: they depend on it (another CPU draws other random numbers)."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, PyTorch {torch.__version__}"
+def machine(device: torch.device) -> str:
+    """What the numbers were measured on, the device that ran them: they depend on it (another CPU draws other random
+    numbers). A run with --device cpu names the CPU even where a GPU is present."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, PyTorch {torch.__version__}"
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
@@ -326,64 +327,79 @@ def cell(s: dict, i=None, digits=3, star=True) -> str:
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]" + ("*" if claim else " ")
 
 
+def mean_only(s: dict, i=None, digits=3) -> str:
+    """A difference's mean with its * (the interval excludes 0), for a narrow column."""
+    mean, low, high = (s[k] if i is None else s[k][i] for k in ("mean", "low", "high"))
+    return f"{mean:+.{digits}f}" + ("*" if low > 0 or high < 0 else " ")
+
+
+def show(x, form=".3f") -> str:
+    return "n/a" if x is None else format(x, form)
+
+
 def print_table(results: dict, cfg):
-    """The headline numbers: each model with its interval, then the paired differences."""
-    summary, budgets, K = results["summary"], results["budgets"], cfg.max_episodes
-    shown = [i for i, b in enumerate(budgets) if b in (0, 8, 16, 32) or i == len(budgets) - 1]
-    ks = [k for k in PASS_K if f"pass@{k}" in summary["base"]]
-    print(f"\n{'model':<11}{'accuracy':>24}{'first attempt':>24}{'tokens':>7}{'episodes':>9}{'backtracks w/r':>16}"
-          + "".join(f"{'pass@' + str(k):>8}" for k in ks[1:]) + f"{'restarts':>9}")
-    for name, s in summary.items():
-        rates = results["backtrack_rates"][name]
-        print(f"{name:<11}{cell(s['accuracy'], star=False):>24}{cell(s['first_attempt_accuracy'], star=False):>24}"
-              f"{s['thinking_tokens']['mean']:>7.1f}{s['episodes']['mean']:>9.2f}"
-              f"{rates['backtrack_after_wrong_first']:>9.0%} /{rates['backtrack_after_right_first']:>4.0%}"
-              + "".join(f"{s['pass@' + str(k)]['mean']:>8.3f}" for k in ks[1:]) + f"{s['restarts']['mean'][-1]:>9.3f}")
-    print(f"(test problems: {results['test_problems']}, {cfg.eval_streams} streams each; RL seeds: {cfg.rl_seeds}"
-          f"{' (a warm start each)' if cfg.warm_per_seed else ''}; "
-          f"95% bootstrap intervals over problems and seeds; μ on {cfg.value_streams} streams per problem; "
-          f"restarts: the model's own first attempts, as many as fit in the room, checked by the environment)")
-    rows = [("accuracy", "accuracy", None, 3), ("first-attempt accuracy", "first_attempt_accuracy", None, 3),
-            ("thinking tokens", "thinking_tokens", None, 1), (f"regret Δ_{K}", "regret", K - 1, 2),
-            ("Σ_B regret (budget grid)", "budget_regret", None, 2)]
-    rows += [(f"accuracy at B = {budgets[i]}", "budget_accuracy", i, 3) for i in shown]
-    pairs = list(results["paired"].items())
-    for block in range(0, len(pairs), 3):  # three pairs side by side
-        print(f"\n{'paired difference':<26}" + "".join(f"{pair:>26}" for pair, _ in pairs[block:block + 3]))
-        for label, key, i, digits in rows:
-            print(f"{label:<26}" + "".join(f"{cell(d[key], i, digits):>26}" for _, d in pairs[block:block + 3]))
-    print("accuracy differences, seed by seed:")
-    for pair, d in pairs:
-        print(f"  {pair:<24}" + " ".join(f"{x:+.3f}" for x in d["accuracy_per_seed"]))
-    print("(* the interval excludes 0: only there is a difference claimed; Δ and Σ_B regret against J(π*) = 1)")
-    show = lambda x, form=".3f": "n/a" if x is None else format(x, form)
-    print(f"the search against restarts of the base model (its first attempts, as many as fit in B thinking tokens, "
-          f"checked by the environment): accuracy − restarts at the room ({budgets[-1]}); budget-forced − "
-          f"(restarts, then the base model's answer after no thinking where none reached) at B =")
-    for name, v in results["versus_base_restarts"].items():
-        print(f"  {name:<12}{cell(v['accuracy'])}" + "".join(f"  {budgets[i]}: {cell(v['budget_accuracy'], i)}"
-                                                            for i, b in enumerate(budgets) if b in (16, 32, 48, 64)))
-    print("later attempts the environment checked: per stream, success (the base model's first attempt on the same "
-          "problems), the same for z_1, z_2, z_3, z_4+; repeats of an earlier attempt; streams that never answer:")
-    for name, a in results["later_attempts"].items():
-        versus_base = lambda x: f"{show(x['success'])} ({show(x['base_first_attempt'])})"
-        print(f"  {name:<12}{a['per_stream']:.2f}  {versus_base(a)}  " + "  ".join(map(versus_base, a["by_index"]))
-              + f"  repeats {show(a['repeats'], '.1%')}  never answer {a['never_answer']:.1%}")
-    print("μ's progress bonus r_prg per episode (value streams): correlation with 1[the episode reached the target]; "
-          "mean bonus [95% interval over problems] (count) by kind of episode; J − J(μ | x) after a stream's 1st, 2nd, "
-          "3rd distinct miss, among streams still missing (none reached or unfinished):")
-    for name, b in results["progress_bonus"].items():
-        print(f"  {name:<12}corr {show(b['corr_with_reached'], '.2f'):>5}  " + "  ".join(
-            f"{k} {show(v['mean'], '+.3f')} [{show(v['low'], '+.3f')}, {show(v['high'], '+.3f')}] ({v['n']})"
-            for k, v in b.items() if k != "corr_with_reached"))
+    """The headline numbers on one screen, at most 120 columns; results.json holds every measure."""
+    print_models(results, cfg)
+    print_paired(results, cfg)
+    print_versus_restarts(results)
+    print_search(results)
     for arm, curve in results.get("learning_curve", {}).items():
-        print(f"held-out accuracy during RL, {arm:<12}" + "  ".join(f"step {s}: {a:.3f}" for s, a in
-                                                                 zip(curve["steps"], curve["accuracy"])))
+        print(f"held-out accuracy during RL, {arm}: " + " ".join(f"{a:.3f}" for a in curve["accuracy"])
+              + f" (steps {', '.join(map(str, curve['steps']))})")
     for key, whose in (("base", "the base model's"), ("outcome", "outcome RL's")):
         reach = results[f"tokens_to_reach_{key}_accuracy"]
         if reach["target"] is not None:  # outcome RL's is None where the outcome arm did not run
-            print(f"thinking tokens to reach {whose} accuracy with the whole budget ({reach['target']:.3f}): "
+            print(f"tokens to reach {whose} accuracy ({reach['target']:.3f}), budget-forced: "
                   + ", ".join(f"{k} {v}" for k, v in reach.items() if k != "target"))
+    print(f"every measure, per problem and seed: {os.path.join(cfg.out_dir, 'results.json')}")
+
+
+def print_models(results: dict, cfg):
+    """Each model: accuracy, first attempt, thinking tokens, episodes, and the restarts of its own first attempts."""
+    print(f"\n{'model':<13}{'accuracy':<24}{'first attempt':>14}{'tokens':>8}{'episodes':>10}{'restarts':>10}")
+    for name, s in results["summary"].items():
+        print(f"{name:<13}{cell(s['accuracy'], star=False):<24}{s['first_attempt_accuracy']['mean']:>14.3f}"
+              f"{s['thinking_tokens']['mean']:>8.1f}{s['episodes']['mean']:>10.2f}{s['restarts']['mean'][-1]:>10.3f}")
+    seeds = f"{cfg.rl_seeds} RL seed(s)" + (", a warm start each" if cfg.warm_per_seed else "")
+    print(f"({results['test_problems']} test problems × {cfg.eval_streams} streams, {seeds}; [95% bootstrap interval "
+          f"over problems and seeds];\n restarts: the model's own first attempts, as many as fit in the room, each "
+          f"checked by the environment)")
+
+
+def print_paired(results: dict, cfg):
+    """The paired differences a − b (seed s against seed s, problem by problem): * where the interval excludes 0."""
+    K = cfg.max_episodes
+    print(f"\n{'paired difference':<22}{'accuracy':<25}{'first attempt':<25}{'thinking tokens':<21}{f'regret Δ_{K}':<21}")
+    for pair, d in results["paired"].items():
+        gaps = d["accuracy_per_seed"]
+        by_seed = f"  ({sum(g > 0 for g in gaps)} of {len(gaps)} seeds > 0)" if len(gaps) > 1 else ""
+        print(f"{pair:<22}{cell(d['accuracy']):<25}{cell(d['first_attempt_accuracy']):<25}"
+              f"{cell(d['thinking_tokens'], digits=1):<21}{cell(d['regret'], K - 1, 2):<21}{by_seed}")
+
+
+def print_versus_restarts(results: dict):
+    """Each model against the base model's restarts: at the room, and budget-forced at B thinking tokens."""
+    budgets = results["budgets"]
+    shown = [i for i, b in enumerate(budgets) if b in (16, 32, 48, 64)]
+    print("\neach model − the base model's restarts: at the room, and budget-forced − restarts that then answer")
+    print(f"{'':<13}{'at the room':<25}" + "".join(f"{f'B = {budgets[i]}':<10}" for i in shown))
+    for name, v in results["versus_base_restarts"].items():
+        print(f"{name:<13}{cell(v['accuracy']):<25}"
+              + "".join(f"{mean_only(v['budget_accuracy'], i):<10}" for i in shown))
+
+
+def print_search(results: dict):
+    """What the search does after z_0, and what μ's progress bonus pays a missed later attempt."""
+    print("\nlater attempts (z_1 on): per stream, how often one reaches, the base model's z_0 on the same problems;")
+    print("repeats of an earlier attempt; streams with no answer; μ's mean progress bonus of a missed new / repeat")
+    print(f"{'':<13}{'per stream':>11}{'reach':>8}{'base z_0':>10}{'repeats':>9}{'no answer':>11}{'new miss':>11}"
+          f"{'repeat':>9}")
+    for name, a in results["later_attempts"].items():
+        b = results["progress_bonus"][name]
+        new, repeat = b["later missed, new"], b["later missed, repeat"]
+        print(f"{name:<13}{a['per_stream']:>11.2f}{show(a['success']):>8}{show(a['base_first_attempt']):>10}"
+              f"{show(a['repeats'], '.1%'):>9}{a['never_answer']:>11.1%}{show(new['mean'], '+.3f'):>11}"
+              f"{show(repeat['mean'], '+.3f'):>9}")
 
 
 def plot(results: dict, out_dir: str):

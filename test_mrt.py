@@ -1027,3 +1027,10 @@ def test_a_checkpoint_from_before_an_option_was_renamed_or_added_is_checked_as_w
     assert train.Checkpoint(rl, key | {"warm_seed": cfg.seed}, cfg.rl_steps, cfg).finished()  # RL from warm.pt
     with pytest.raises(train.UserError, match="warm_seed"):  # not from RL seed 1's own warm start
         train.Checkpoint(rl, key | {"warm_seed": 1}, cfg.rl_steps, cfg)
+
+
+def test_machine_names_the_device_that_ran_not_a_gpu_beside_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 80GB")
+    assert "Fake GPU" not in evaluation.machine(torch.device("cpu"))
+    assert evaluation.machine(torch.device("cuda")).startswith("Fake GPU 80GB, PyTorch ")

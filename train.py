@@ -258,7 +258,7 @@ def run(cfg: Config) -> dict:
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
           + (f"; peak GPU memory {peak:.1f} GiB" if peak is not None else ""))
-    results = {"config": asdict(cfg), "machine": evaluation.machine(), "device": str(device),
+    results = {"config": asdict(cfg), "machine": evaluation.machine(device), "device": str(device),
                "train_problems": len(train), "test_problems": len(test), "stage_seconds": timings,
                "peak_gpu_memory_gib": peak, "test_set": [task.prompt(p)[len(tasks.BOS):].strip() for p in test],
                "learning_curve": evaluation.learning_curves(log_path, arms, seeds),
