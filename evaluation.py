@@ -45,10 +45,11 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         episodes = [mrt.split_episodes(mrt.split_completion(c)[0]) for c in v_completions]
         values = mrt.episode_values(meta, v_problems, v_prompts, episodes, cfg.eval_rollouts, cfg.max_episodes)
         forced = budget_accuracy(meta, task, v_problems, v_prompts, v_completions, budgets, cfg.eval_rollouts)
+        states = state_values(meta, task, v_problems, v_prompts, v_completions, cfg.eval_rollouts)
     parsed = [score_stream(task, problems[i // m], c) for i, c in enumerate(completions)]
     column = lambda key: np.array([s[key] for s in parsed], dtype=float).reshape(P, m)
     right, first_right, backtracked = column("right"), column("first_right"), column("backtracked")
-    bonus_rows = [episode_bonuses(task, eps, J) for eps, J in zip(episodes, values)]
+    bonus_rows = [episode_bonuses(task, p, eps, J) for p, eps, J in zip(v_problems, episodes, values)]
     per_value_stream = lambda rows: np.array(rows).reshape(P, v, -1).mean(1).tolist()
     pooled = lambda flags, among: [int((flags * among).sum()), int(among.sum())]  # [count, out of]
     return {
@@ -68,6 +69,9 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         # A wrong z_0 whose last line still ends on the target *looks* solved: the model cannot see that it failed.
         "wrong_first_ending_on_target": pooled(column("ends_on_target"), 1 - first_right),
         "episode_bonuses": [[row for i in range(v) for row in bonus_rows[p * v + i]] for p in range(P)],
+        "step_states": [[row for i in range(v) for row in states[p * v + i]] for p in range(P)],  # [alive, J]
+        # [backtracks, those that keep a step, whose kept state is alive, steps kept], summed over a problem's streams
+        "backtracks": np.array([s["backtracks"] for s in parsed]).reshape(P, m, 4).sum(1).tolist(),
     }
 
 
@@ -92,14 +96,82 @@ def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, 
     return out
 
 
-def episode_bonuses(task, episodes, J) -> list:
+def episode_bonuses(task, problem, episodes, J) -> list:
     """[j, r_prg(z_j), its verdict (1 reached, 0 missed, -1 none: unfinished), 1[z_j repeats an earlier attempt of
-    its stream]] for the episodes that J covers: what μ's progress bonus says beyond the environment's verdict."""
-    attempts = [task.checked(a) for a in tasks.parse_output(tasks.decode(t for e in episodes for t in e)).attempts]
-    keys = [tasks.answer_key(task, a) for a in attempts] if len(attempts) == len(episodes) else [None] * len(episodes)
+    its stream], what its backtrack kept (`kept_state`)] for the episodes that J covers: what μ's progress bonus says
+    beyond the environment's verdict."""
+    parsed = tasks.parse_output(tasks.decode(t for e in episodes for t in e))
+    aligned = len(parsed.attempts) == len(episodes)
+    attempts = [task.checked(a) for a in parsed.attempts]
+    keys = [tasks.answer_key(task, a) for a in attempts] if aligned else [None] * len(episodes)
+    kept = [kept_state(task, problem, parsed, j) if aligned else NONE_KEPT for j in range(len(episodes))]
     verdict = lambda e: 1 if tasks.REACHED_ID in e else 0 if tasks.MISSED_ID in e else -1
-    return [[j, bonus, verdict(episodes[j]), int(keys[j] is not None and keys[j] in keys[:j])]
+    return [[j, bonus, verdict(episodes[j]), int(keys[j] is not None and keys[j] in keys[:j]), kept[j]]
             for j, bonus in zip(range(len(episodes)), mrt.progress_bonus(J))]
+
+
+# What a backtrack line keeps of the attempt before it. The solver judges a state alive (the target can still be
+# reached from it) or dead: a measurement only, never shown to the model.
+NONE_KEPT, NO_STEP, ALIVE, DEAD = -1, 0, 1, 2  # NONE_KEPT: z_0, or a malformed backtrack line
+
+
+def is_alive(task, problem, steps) -> bool:
+    """Whether the target can still be reached after `steps` from the start (False after an illegal step)."""
+    state = tasks.run_steps(task, problem, steps)
+    return state is not None and task.can_reach(state, problem[1])
+
+
+def kept_state(task, problem, parsed: tasks.Parsed, j: int) -> int:
+    """What the backtrack line opening attempt j keeps of attempt j−1: NO_STEP, an ALIVE or a DEAD state, NONE_KEPT."""
+    keep = parsed.backtracks[j - 1] if j else None
+    if keep is None:
+        return NONE_KEPT
+    kept = parsed.attempts[j - 1][:keep]
+    if not kept:
+        return NO_STEP
+    return ALIVE if is_alive(task, problem, kept) else DEAD
+
+
+def backtrack_counts(task, problem, parsed: tasks.Parsed) -> list[int]:
+    """[backtracks, those that keep a step, those whose kept state is ALIVE, steps kept] of one stream, counting the
+    well-formed backtrack lines only."""
+    well_formed = [j for j in range(1, len(parsed.attempts)) if parsed.backtracks[j - 1] is not None]
+    kinds = [kept_state(task, problem, parsed, j) for j in well_formed]
+    steps_kept = [len(parsed.attempts[j - 1][:parsed.backtracks[j - 1]]) for j in well_formed]
+    return [len(well_formed), len(kinds) - kinds.count(NO_STEP), kinds.count(ALIVE), sum(steps_kept)]
+
+
+def step_ends(task, problem, thinking: list[int]) -> list[tuple[int, bool]]:
+    """(end, alive) for each step line of a thinking stream: `end` counts its tokens through the line's newline and
+    the verdict after it, if any; `alive`: whether the target can still be reached from the state after the step
+    (the attempt's steps so far, kept ones included)."""
+    out = []
+    for end, token in enumerate(thinking, 1):
+        text = tasks.decode(thinking[:end])
+        if token != tasks.NEWLINE_ID or tasks.BACKTRACK in text[:-1].rpartition("\n")[2]:
+            continue  # not a line end, or the end of a backtrack line
+        steps = tasks.parse_output(text).attempts[-1]
+        if thinking[end:end + 1] and thinking[end] in tasks.VERDICT_IDS:
+            end += 1
+        out.append((end, is_alive(task, problem, steps)))
+    return out
+
+
+def state_values(meta_prover, task, problems, prompts, completions, n_rollouts=1) -> list[list]:
+    """[1[alive], J(μ | x, thinking through the step)] after each step line of each stream (see `step_ends`): can
+    μ, forced to answer there, tell a state from which the target is reachable from a dead one? One call to μ."""
+    owners, contexts = [], []
+    for i, (problem, prompt, completion) in enumerate(zip(problems, prompts, completions)):
+        thinking = mrt.split_completion(completion)[0]
+        for end, alive in step_ends(task, problem, thinking):
+            owners.append((i, int(alive)))
+            contexts.append(prompt + thinking[:end] + [tasks.ANSWER_ID])
+    context_problems = [problems[i] for i, _ in owners]
+    J = mrt.estimate_success(meta_prover, context_problems, contexts, n_rollouts) if contexts else []
+    out = [[] for _ in problems]
+    for (i, alive), value in zip(owners, J):
+        out[i].append([alive, value])
+    return out
 
 
 def bonus_measures(evals: list[dict], seed: int = 0) -> dict:
@@ -107,12 +179,14 @@ def bonus_measures(evals: list[dict], seed: int = 0) -> dict:
     after 1, 2, 3 distinct misses, with a 95% bootstrap interval that redraws test problems (a problem's episodes go
     together: they are not independent)."""
     rows = np.array([[p, *r] for e in evals for p, rs in enumerate(e["episode_bonuses"]) for r in rs],
-                    dtype=float).reshape(-1, 5)
-    problem, j, bonus, verdict, repeat = rows.T
+                    dtype=float).reshape(-1, 6)
+    problem, j, bonus, verdict, repeat, kept = rows.T
     reached, missed, later = verdict == 1, verdict == 0, j > 0
     kinds = {"missed z_0": ~later & missed, "reached z_0": ~later & reached, "later reached": later & reached,
              "later missed, new": later & missed & (repeat == 0),
-             "later missed, repeat": later & missed & (repeat == 1), "unfinished": verdict == -1}
+             "later missed, repeat": later & missed & (repeat == 1), "unfinished": verdict == -1,
+             "keeps no step": later & (kept == NO_STEP), "keeps an alive state": later & (kept == ALIVE),
+             "keeps a dead state": later & (kept == DEAD)}
     corr = float(np.corrcoef(bonus, reached)[0, 1]) if len(rows) > 1 and bonus.std() and reached.std() else None
     P = len(evals[0]["episode_bonuses"])
     per_problem = lambda p, x: np.bincount(p.astype(int), x, minlength=P)  # (P,) sums
@@ -126,7 +200,7 @@ def distinct_misses(rows: np.ndarray) -> np.ndarray:
     """[problem, d, J(μ | x, z_{0:j}) − J(μ | x)] after each z_j that is a stream's d-th distinct missed attempt, while
     all its episodes missed (none reached or unfinished); the streams with d = 2, 3 are fewer, and harder ones."""
     out = []
-    for p, j, bonus, verdict, repeat in rows:
+    for p, j, bonus, verdict, repeat, _ in rows:
         if j == 0:
             gain, d, searching = 0.0, 0, True
         gain, searching = gain + bonus, searching and verdict == 0
@@ -153,7 +227,8 @@ def score_stream(task, problem, completion) -> dict:
     the room cut short is not one): [its index j, right, 1[z_j repeats an earlier attempt of the stream]]."""
     thinking, text = mrt.split_completion(completion)[0], tasks.decode(completion)
     episodes, whole_lines = mrt.split_episodes(thinking), mrt.budget_cut(thinking, len(thinking))
-    attempts = [task.checked(a) for a in tasks.parse_output(tasks.decode(whole_lines)).attempts]
+    parsed = tasks.parse_output(tasks.decode(whole_lines))
+    attempts = [task.checked(a) for a in parsed.attempts]
     last_step = tasks.parse_step(attempts[0][-1]) if attempts[0] else None
     keys = [tasks.answer_key(task, a) for a in attempts]
     z_0 = episodes[0] if episodes else []
@@ -163,6 +238,7 @@ def score_stream(task, problem, completion) -> dict:
             "later": [(j, tasks.is_correct(task, problem, a), keys[j] in keys[:j])
                       for j, a in enumerate(attempts) if j and len(a) == task.n_numbers - 1],
             "answered": tasks.parse_output(text).answer is not None, "backtracked": tasks.BACKTRACK_ID in thinking,
+            "backtracks": backtrack_counts(task, problem, parsed),
             "ends_on_target": last_step is not None and last_step[3] == problem[1]}
 
 
@@ -252,6 +328,8 @@ def report(evals: dict, seed: int) -> dict:
             "backtrack_rates": {name: {k: pooled_rate(e, k) for k in RATES} for name, e in evals.items()},
             "later_attempts": {name: attempt_anatomy(e, evals["base"][0]) for name, e in evals.items()},
             "progress_bonus": {name: bonus_measures(e, seed) for name, e in evals.items()},
+            "backtracks": {name: backtrack_measures(e, seed) for name, e in evals.items()},
+            "step_states": {name: step_state_measures(e, seed) for name, e in evals.items()},
             "tokens_to_reach_base_accuracy": reach(summary["base"]["budget_accuracy"]["mean"][-1]),
             "tokens_to_reach_outcome_accuracy": reach(summary["outcome"]["budget_accuracy"]["mean"][-1])
             if "outcome" in summary else {"target": None}, "per_problem": evals}
@@ -273,6 +351,27 @@ def attempt_anatomy(evals: list[dict], base: dict) -> dict:
                          for j in range(LATER)],
             "repeats": share(repeats.sum(), attempts.sum()),
             "never_answer": float(np.sum([e["unanswered"] for e in evals]) / streams)}
+
+
+def backtrack_measures(evals: list[dict], seed: int = 0) -> dict:
+    """Pooled over all streams and seeds: backtracks per stream, the share that keep at least one step, the steps a
+    backtrack keeps, and the share of kept states that are alive; intervals redraw test problems."""
+    backtracks, keeping, alive, steps = np.sum([e["backtracks"] for e in evals], axis=0).T  # (P,) each
+    streams = len(evals) * evals[0]["streams"] * len(backtracks)
+    return {"per_stream": float(backtracks.sum() / streams), "keep_a_step": ratio_interval(keeping, backtracks, seed),
+            "steps_kept": ratio_interval(steps, backtracks, seed), "kept_alive": ratio_interval(alive, keeping, seed)}
+
+
+def step_state_measures(evals: list[dict], seed: int = 0) -> dict:
+    """Pooled over the value streams' step lines: the share of states that are alive, and J(μ) after an alive and
+    after a dead one (does μ see progress inside an attempt?); intervals redraw test problems."""
+    rows = np.array([[p, *r] for e in evals for p, rs in enumerate(e["step_states"]) for r in rs],
+                    dtype=float).reshape(-1, 3)
+    problem, alive, J = rows.T
+    per_problem = lambda x: np.bincount(problem.astype(int), x, minlength=len(evals[0]["step_states"]))
+    return {"alive": ratio_interval(per_problem(alive), per_problem(np.ones_like(alive)), seed),
+            "J after an alive state": ratio_interval(per_problem(J * alive), per_problem(alive), seed),
+            "J after a dead state": ratio_interval(per_problem(J * (1 - alive)), per_problem(1 - alive), seed)}
 
 
 def pooled_rate(evals: list[dict], key: str) -> float:
@@ -343,6 +442,7 @@ def print_table(results: dict, cfg):
     print_paired(results, cfg)
     print_versus_restarts(results)
     print_search(results)
+    print_progress(results)
     for arm, curve in results.get("learning_curve", {}).items():
         print(f"held-out accuracy during RL, {arm}: " + " ".join(f"{a:.3f}" for a in curve["accuracy"])
               + f" (steps {', '.join(map(str, curve['steps']))})")
@@ -386,6 +486,21 @@ def print_versus_restarts(results: dict):
     for name, v in results["versus_base_restarts"].items():
         print(f"{name:<13}{cell(v['accuracy']):<25}"
               + "".join(f"{mean_only(v['budget_accuracy'], i):<10}" for i in shown))
+
+
+def print_progress(results: dict):
+    """What a backtrack keeps, and whether μ's J and bonus tell an alive state (target still reachable) from a dead."""
+    print("\nbacktracks: per stream, share that keep a step, kept states alive; states after a step: alive, J(μ) after an")
+    print("alive / a dead one; μ's mean progress bonus of a later episode whose backtrack keeps no step / alive / dead")
+    print(f"{'':<13}{'per stream':>11}{'keep':>7}{'alive':>7}{'states alive':>14}{'J alive':>9}{'J dead':>8}"
+          f"{'bonus: none':>13}{'alive':>8}{'dead':>8}")
+    for name, b in results["backtracks"].items():
+        s, bonus = results["step_states"][name], results["progress_bonus"][name]
+        print(f"{name:<13}{b['per_stream']:>11.2f}{show(b['keep_a_step']['mean'], '.0%'):>7}"
+              f"{show(b['kept_alive']['mean'], '.0%'):>7}{show(s['alive']['mean'], '.0%'):>14}"
+              f"{show(s['J after an alive state']['mean']):>9}{show(s['J after a dead state']['mean']):>8}"
+              + "".join(f"{show(bonus[k]['mean'], '+.3f'):>{w}}" for k, w in
+                        (("keeps no step", 13), ("keeps an alive state", 8), ("keeps a dead state", 8))))
 
 
 def print_search(results: dict):

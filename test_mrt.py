@@ -900,11 +900,12 @@ SEARCH = MISS + BACKTRACK + "0\n" + MISS + BACKTRACK + "0\n2*3=6\n6*1=6\n" + tas
 
 
 def test_episode_bonuses_mark_reached_and_repeated_attempts():
-    rows = evaluation.episode_bonuses(TASK, mrt.split_episodes(encode(SEARCH)), [0.25, 0.0, 0.0, 1.0])
-    assert rows == [[0, -0.25, 0, 0], [1, 0.0, 0, 1], [2, 1.0, 1, 0]]  # [j, r_prg, verdict, repeat]
-    assert evaluation.episode_bonuses(TASK, [encode("1+2=3\n")], [0.5, 0.25])[0][2] == -1  # no verdict: unfinished
+    rows = evaluation.episode_bonuses(TASK, ((1, 2, 3), 6), mrt.split_episodes(encode(SEARCH)), [0.25, 0.0, 0.0, 1.0])
+    assert rows == [[0, -0.25, 0, 0, -1], [1, 0.0, 0, 1, 0], [2, 1.0, 1, 0, 0]]  # [j, r_prg, verdict, repeat, kept]
+    unfinished = evaluation.episode_bonuses(TASK, ((1, 2, 3), 6), [encode("1+2=3\n")], [0.5, 0.25])
+    assert unfinished[0][2] == -1  # no verdict: unfinished
     # Two problems: the second's later missed new attempts earn +0.5 and +0.1, the first's none.
-    new_miss = lambda bonus: [1, bonus, 0, 0]
+    new_miss = lambda bonus: [1, bonus, 0, 0, 0]
     measures = evaluation.bonus_measures([{"episode_bonuses": [rows, [new_miss(0.5), new_miss(0.1)]]}])
     assert measures["later missed, repeat"] == {"n": 1, "mean": 0.0, "low": 0.0, "high": 0.0}
     assert measures["reached z_0"] == {"n": 0, "mean": None, "low": None, "high": None}
@@ -915,6 +916,7 @@ def test_episode_bonuses_mark_reached_and_repeated_attempts():
 def test_J_after_distinct_misses_sums_the_bonuses_along_a_stream_until_it_stops_missing():
     rows = np.array([[0, 0, -0.25, 0, 0], [0, 1, 0.0, 0, 1], [0, 2, 0.1, 0, 0], [0, 3, 0.9, 1, 0],  # a repeat, a reach
                      [1, 0, -0.5, 0, 0], [1, 1, 0.2, -1, 0], [1, 2, 0.3, 0, 0]])  # unfinished: the count stops
+    rows = np.c_[rows, np.zeros(len(rows))]  # what each backtrack kept: nothing here
     assert np.allclose(evaluation.distinct_misses(rows), [[0, 1, -0.25], [0, 2, -0.15], [1, 1, -0.5]])
     measures = evaluation.bonus_measures([{"episode_bonuses": [[r[1:] for r in rows[:4]], [r[1:] for r in rows[4:]]]}])
     assert measures["J change after distinct miss 1"]["mean"] == pytest.approx(-0.375)  # over both problems
@@ -1034,3 +1036,47 @@ def test_machine_names_the_device_that_ran_not_a_gpu_beside_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 80GB")
     assert "Fake GPU" not in evaluation.machine(torch.device("cpu"))
     assert evaluation.machine(torch.device("cuda")).startswith("Fake GPU 80GB, PyTorch ")
+
+
+# (1, 2, 3) -> 6. `3-1=2` leaves (2, 2), from which 6 cannot be reached: dead. `1+2=3` leaves (3, 3): alive.
+KEEPS_DEAD = "3-1=2\n2*2=4\n" + tasks.MISSED + BACKTRACK + "1\n2+2=4\n" + tasks.MISSED + BACKTRACK + "0\n"
+KEEPS_ALIVE = MISS + BACKTRACK + "1\n3+3=6\n" + tasks.REACHED
+
+
+def test_backtracks_count_the_steps_they_keep_and_whether_the_kept_state_is_alive():
+    problem = ((1, 2, 3), 6)
+    dead = evaluation.backtrack_counts(TASK, problem, parse_output(KEEPS_DEAD))
+    alive = evaluation.backtrack_counts(TASK, problem, parse_output(KEEPS_ALIVE))
+    assert dead == [2, 1, 0, 1] and alive == [1, 1, 1, 1]  # [backtracks, keeping a step, kept alive, steps kept]
+    kinds = [evaluation.kept_state(TASK, problem, parse_output(KEEPS_DEAD), j) for j in range(3)]
+    assert kinds == [evaluation.NONE_KEPT, evaluation.DEAD, evaluation.NO_STEP]
+    measures = evaluation.backtrack_measures([{"streams": 2, "backtracks": [[3, 2, 1, 2]]}])
+    assert measures["per_stream"] == 1.5 and measures["keep_a_step"]["mean"] == pytest.approx(2 / 3)
+    assert measures["kept_alive"]["mean"] == 0.5 and measures["steps_kept"]["mean"] == pytest.approx(2 / 3)
+
+
+def test_J_after_each_step_pairs_the_state_the_solver_judges_with_what_mu_answers_there():
+    problem, thinking = ((1, 2, 3), 6), encode(KEEPS_ALIVE)
+    # "1+2=3\n" ends at token 6 (alive); "3*3=9\n" and its verdict at 13 (dead); "3+3=6\n" and its verdict at 23
+    assert evaluation.step_ends(TASK, problem, thinking) == [(6, True), (13, False), (23, True)]
+    seen = []
+
+    def mu(problems, contexts, n_rollouts):  # right unless the context holds a miss; records what it is shown
+        seen.extend(contexts)
+        return [int(tasks.MISSED_ID not in c) for c in contexts for _ in range(n_rollouts)]
+    prompt = encode(TASK.prompt(problem))
+    states = evaluation.state_values(mu, TASK, [problem], [prompt], [thinking], n_rollouts=2)
+    assert states == [[[1, 1.0], [0, 0.0], [1, 0.0]]]  # [alive, J]: the last state is alive, but μ copies the miss
+    assert sorted(map(len, seen)) == [len(prompt) + n + 1 for n in (6, 13, 23)]  # each context ends in <|answer|>
+    measures = evaluation.step_state_measures([{"step_states": states[0:1] + [[[0, 0.5]]]}])
+    assert measures["alive"]["mean"] == 0.5 and measures["J after an alive state"]["mean"] == 0.5
+    assert measures["J after a dead state"]["mean"] == 0.25
+
+
+def test_the_bonus_is_pooled_by_what_a_later_episode_kept():
+    first = [[0, -0.3, 0, 0, evaluation.NONE_KEPT], [1, 0.4, 0, 0, evaluation.ALIVE], [2, -0.2, 0, 0, evaluation.DEAD]]
+    second = [[0, 0.0, 0, 0, evaluation.NONE_KEPT], [1, 0.1, 0, 0, evaluation.ALIVE], [2, 0.5, 1, 0, evaluation.NO_STEP]]
+    rows = first + second  # two streams of one problem
+    measures = evaluation.bonus_measures([{"episode_bonuses": [rows]}])
+    assert measures["keeps an alive state"]["mean"] == pytest.approx(0.25) and measures["keeps an alive state"]["n"] == 2
+    assert measures["keeps a dead state"]["mean"] == pytest.approx(-0.2) and measures["keeps no step"]["n"] == 1
