@@ -18,7 +18,7 @@ import mrt
 import model
 import tasks
 import train
-from model import autocast, generate
+from model import autocast, generate, native_bf16
 
 
 def timed(fn, repeat: int, device) -> float:
@@ -36,8 +36,9 @@ def timed(fn, repeat: int, device) -> float:
 
 
 def matmul_peak(device) -> float:
-    """FLOP/s of a large square matmul: fp32 on CPU, bf16 on CUDA (what training uses there)."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    """FLOP/s of a large square matmul in the precision training uses (`model.autocast`): bf16 or fp32."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if native_bf16(device) else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n ** 3 / timed(lambda: a @ b, 5, device)
 

@@ -14,13 +14,20 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 
+def native_bf16(device) -> bool:
+    """Whether the device computes in bf16 natively: a CUDA card of compute capability 8.0 or more (A100, RTX 30xx and
+    later). T4 and V100 only emulate it, slowly, although torch.cuda.is_bf16_supported() may say yes."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def autocast(device):
-    """bf16 autocast on CUDA (tensor cores); full precision elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    """The one precision rule: bf16 autocast where the card has it natively (tensor cores), fp32 everywhere else (CPU,
+    MPS, older cards). fp16 would be faster on those cards but needs a loss scaler; a model this small does not."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if native_bf16(device) else contextlib.nullcontext()
 
 
 def activation_dtype(model):
-    """The dtype attention computes in: autocast's where it is on (bf16 on CUDA), else the weights'."""
+    """The dtype attention computes in: autocast's where it is on (bf16, see `autocast`), else the weights'."""
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else model.wte.weight.dtype
 
 
