@@ -641,6 +641,23 @@ def test_prefix_arm_baseline_moves_with_alpha_only(coin_rewards):
 
 
 # ----------------------------------------------------------------------------- the pipeline
+SMOKE = ["--smoke", "--device", "cpu"]  # every run of the pipeline here names the CPU (`pipeline_runs_name_the_cpu`)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pipeline_runs_name_the_cpu():
+    """Every pipeline run in this file passes --device cpu: with --device auto, a machine with a GPU would run it there,
+    close to the CPU's numbers but not bit-equal to them, and the exact comparisons here would fail."""
+    pick = train.pick_device
+
+    def cpu_named(name):
+        assert name != "auto", "a pipeline run in the tests leaves --device on auto: pass SMOKE (--device cpu)"
+        return pick(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "pick_device", cpu_named)
+        yield
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """The smoke pipeline, rewarded by the coin (`coin_reward`) so that its RL stages move; the tests that run it
@@ -648,7 +665,7 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tasks, "verify", coin_reward)
-        train.main(["--smoke", "--out-dir", str(out)])
+        train.main([*SMOKE, "--out-dir", str(out)])
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -682,7 +699,7 @@ def test_smoke_run_writes_results(smoke_run):
 
 
 def test_same_seed_same_numbers(smoke_run, coin_rewards, tmp_path):
-    train.main(["--smoke", "--out-dir", str(tmp_path)])
+    train.main([*SMOKE, "--out-dir", str(tmp_path)])
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(smoke_run[1])
 
 
@@ -690,7 +707,7 @@ def test_interrupted_run_resumes_from_finished_stages(smoke_run, coin_rewards, t
     out, results = smoke_run
     for name in ("base.pt", "warm.pt", "log.jsonl"):  # as if the run had been stopped during the RL stage
         (tmp_path / name).write_bytes((out / name).read_bytes())
-    train.main(["--smoke", "--out-dir", str(tmp_path)])
+    train.main([*SMOKE, "--out-dir", str(tmp_path)])
     assert "base: finished earlier" in capsys.readouterr().out
     resumed = json.loads((tmp_path / "results.json").read_text())
     assert numbers(resumed) == numbers(results)
@@ -710,17 +727,17 @@ def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, 
         real(loss, model, stage)
     monkeypatch.setattr(train, "check_finite", interrupt_at_step_12)
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--smoke", "--out-dir", str(tmp_path)])
+        train.main([*SMOKE, "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 130 and "run the same command to resume" in capsys.readouterr().err
     assert torch.load(tmp_path / "base.pt", weights_only=True)["step"] == 10  # the last resume point (every 5 steps)
     monkeypatch.setattr(train, "check_finite", real)
-    train.main(["--smoke", "--out-dir", str(tmp_path)])
+    train.main([*SMOKE, "--out-dir", str(tmp_path)])
     assert "resuming at step 10" in capsys.readouterr().out
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(smoke_run[1])
 
 
 def test_an_rl_stage_interrupted_midway_resumes_to_the_same_weights(smoke_run, coin_rewards, tmp_path, monkeypatch):
-    flags = ["--smoke", "--rl-steps", "4", "--snapshot-every", "2", "--arms", "outcome,mrt"]
+    flags = [*SMOKE, "--rl-steps", "4", "--snapshot-every", "2", "--arms", "outcome,mrt"]
     calls, real = [], train.check_finite
 
     def interrupt_at_rl_step_3(loss, model, stage):  # base and warm are loaded: every call is an RL step
@@ -747,7 +764,7 @@ def test_an_rl_stage_interrupted_midway_resumes_to_the_same_weights(smoke_run, c
 
 def test_with_a_warm_start_per_seed_each_rl_seed_starts_from_its_own(smoke_run, tmp_path, capsys):
     (tmp_path / "base.pt").write_bytes((smoke_run[0] / "base.pt").read_bytes())
-    flags = ["--smoke", "--out-dir", str(tmp_path), "--rl-seeds", "2", "--arms", "outcome", "--rl-steps", "0"]
+    flags = [*SMOKE, "--out-dir", str(tmp_path), "--rl-seeds", "2", "--arms", "outcome", "--rl-steps", "0"]
     train.main(flags + ["--warm-per-seed"])
     warm0, warm1, rl0, rl1 = (weights(tmp_path / f"{name}.pt") for name in
                               ("warm", "warm_seed1", "rl_outcome_seed0", "rl_outcome_seed1"))
@@ -760,14 +777,14 @@ def test_with_a_warm_start_per_seed_each_rl_seed_starts_from_its_own(smoke_run, 
 
 
 def test_second_task_trains_end_to_end(tmp_path):
-    train.main(["--smoke", "--task", "chain", "--out-dir", str(tmp_path)])
+    train.main([*SMOKE, "--task", "chain", "--out-dir", str(tmp_path)])
     test_set = json.loads((tmp_path / "results.json").read_text())["test_set"]
     problems = [tasks.Chain(3, 10, 100).parse_problem(p) for p in test_set]  # each solvable left to right, or raises
     assert any(list(given) != sorted(given) for given, _ in problems)  # a Countdown prompt lists its numbers sorted
 
 
 def test_the_gpu_presets_task_trains_end_to_end_at_smoke_size(tmp_path):  # 4 numbers, block 192, every arm
-    train.main(["--smoke", "--n-numbers", "4", "--block-size", "192", "--arms", ",".join(mrt.ARMS),
+    train.main([*SMOKE, "--n-numbers", "4", "--block-size", "192", "--arms", ",".join(mrt.ARMS),
                 "--out-dir", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["summary"]) == set(results["per_problem"]) == {"base", "warm", *mrt.ARMS}
@@ -777,7 +794,7 @@ def test_the_gpu_presets_task_trains_end_to_end_at_smoke_size(tmp_path):  # 4 nu
 def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, coin_rewards, tmp_path):
     for name in ("base.pt", "warm.pt"):
         (tmp_path / name).write_bytes((smoke_run[0] / name).read_bytes())
-    train.main(["--smoke", "--out-dir", str(tmp_path), "--alpha", "0", "--rl-steps", "4"])
+    train.main([*SMOKE, "--out-dir", str(tmp_path), "--alpha", "0", "--rl-steps", "4"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["per_problem"]["mrt"] == results["per_problem"]["outcome"]
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -789,7 +806,7 @@ def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, coin_rewards, tmp_
 def test_checkpoint_from_other_options_is_refused(smoke_run, tmp_path, capsys):
     (tmp_path / "base.pt").write_bytes((smoke_run[0] / "base.pt").read_bytes())
     with pytest.raises(SystemExit):
-        train.main(["--smoke", "--out-dir", str(tmp_path), "--base-steps", "31"])
+        train.main([*SMOKE, "--out-dir", str(tmp_path), "--base-steps", "31"])
     err = capsys.readouterr().err
     assert "base_steps" in err and "--fresh" in err
 
@@ -811,19 +828,19 @@ def test_the_warm_start_depends_on_train_room():  # its traces are sampled train
 def test_truncated_checkpoint_is_a_clear_error(smoke_run, tmp_path, capsys):
     (tmp_path / "base.pt").write_bytes((smoke_run[0] / "base.pt").read_bytes()[:1000])
     with pytest.raises(SystemExit):
-        train.main(["--smoke", "--out-dir", str(tmp_path)])
+        train.main([*SMOKE, "--out-dir", str(tmp_path)])
     assert "base.pt: not a readable mrt checkpoint" in capsys.readouterr().err
 
 
 def test_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "base.pt")  # a torch file, but not one of ours
     with pytest.raises(SystemExit):
-        train.main(["--smoke", "--out-dir", str(tmp_path)])
+        train.main([*SMOKE, "--out-dir", str(tmp_path)])
     assert "base.pt: not a readable mrt checkpoint" in capsys.readouterr().err
 
 
 def test_explain_prints_each_episode_with_its_progress(smoke_run, capsys):
-    train.main(["--smoke", "--out-dir", str(smoke_run[0]), "--explain", "warm", "--problem", "3 7 9:20"])
+    train.main([*SMOKE, "--out-dir", str(smoke_run[0]), "--explain", "warm", "--problem", "3 7 9:20"])
     out = capsys.readouterr().out
     assert "J(μ | x)" in out and "z_0" in out and "reward r(x, z)" in out
 
@@ -843,7 +860,7 @@ def test_explain_prints_each_episode_with_its_progress(smoke_run, capsys):
 ])
 def test_bad_options_exit_with_one_clear_line(flags, message, smoke_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--smoke", "--out-dir", str(smoke_run[0])] + flags)
+        train.main([*SMOKE, "--out-dir", str(smoke_run[0])] + flags)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
 
@@ -851,7 +868,7 @@ def test_bad_options_exit_with_one_clear_line(flags, message, smoke_run, capsys)
 def test_bad_options_from_the_command_line_print_one_line_and_no_traceback(smoke_run):
     for flags in (["--lr", "abc"], ["--lr", "nan"], ["--problem", "3 7 9:20"],
                   ["--explain", "warm", "--problem", "0 5 5:0"]):
-        done = subprocess.run([sys.executable, "train.py", "--smoke", "--out-dir", str(smoke_run[0])] + flags,
+        done = subprocess.run([sys.executable, "train.py", *SMOKE, "--out-dir", str(smoke_run[0])] + flags,
                               capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)))
         assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, flags
 
@@ -859,7 +876,7 @@ def test_bad_options_from_the_command_line_print_one_line_and_no_traceback(smoke
 def test_a_bad_option_creates_nothing(tmp_path, capsys):
     for flags in (["--n-test", "5000"], ["--rl-prompts", "5000"]):  # found out only once the problems are drawn
         with pytest.raises(SystemExit):
-            train.main(["--smoke", "--out-dir", str(tmp_path / "new")] + flags)
+            train.main([*SMOKE, "--out-dir", str(tmp_path / "new")] + flags)
         assert flags[0] in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
@@ -888,7 +905,7 @@ def test_a_failed_results_write_prints_the_table_first_and_leaves_no_tmp(smoke_r
         real(source, target)
     monkeypatch.setattr(os, "replace", full_disk)
     with pytest.raises(SystemExit):
-        train.main(["--smoke", "--out-dir", str(tmp_path)])
+        train.main([*SMOKE, "--out-dir", str(tmp_path)])
     out, err = capsys.readouterr()
     assert "paired difference" in out and not list(tmp_path.glob("*.tmp")) and not (tmp_path / "results.json").exists()
     assert err.endswith(f"error: {tmp_path}/results.json: the write failed (No space left on device); make room in "
@@ -986,7 +1003,7 @@ def test_a_read_only_out_dir_is_a_clear_error_before_any_work(tmp_path, monkeypa
             raise PermissionError(13, "Permission denied", path)
         monkeypatch.setattr(train, "open", read_only, raising=False)
     with pytest.raises(SystemExit):
-        train.main(["--smoke", "--out-dir", str(tmp_path)])
+        train.main([*SMOKE, "--out-dir", str(tmp_path)])
     assert f"--out-dir {tmp_path}: cannot write there (Permission denied)" in capsys.readouterr().err
     tmp_path.chmod(0o700)
     assert list(tmp_path.iterdir()) == []
@@ -995,11 +1012,11 @@ def test_a_read_only_out_dir_is_a_clear_error_before_any_work(tmp_path, monkeypa
 def test_unwritable_out_dir_and_missing_device_are_clear_errors(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit):
-        train.main(["--smoke", "--out-dir", str(tmp_path / "file" / "sub")])
+        train.main([*SMOKE, "--out-dir", str(tmp_path / "file" / "sub")])
     assert "--out-dir" in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
-            train.main(["--smoke", "--out-dir", str(tmp_path), "--device", "cuda"])
+            train.main([*SMOKE, "--out-dir", str(tmp_path), "--device", "cuda"])
         assert "--device cuda" in capsys.readouterr().err
 
 
