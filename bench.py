@@ -57,7 +57,7 @@ def training_step(cfg, device):
     def step():
         with autocast(device):
             _, loss = model(x, y)
-        train.optimizer_step(model, optimizer, loss, "bench")
+        train.optimizer_step(model, optimizer, loss)
     return step, model, x
 
 

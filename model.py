@@ -178,14 +178,12 @@ def completion_logprobs(model: GPT, prompts: list, completions: list, exclude=()
     rows = [torch.as_tensor(p + c) for p, c in zip(prompts, completions)]
     idx = pad_sequence(rows, batch_first=True, padding_value=0).to(model.wte.weight.device)
     logits = model(idx[:, :-1]).float()  # position t scores token t+1
-    banned = torch.zeros(len(rows), logits.size(-1), dtype=torch.bool, device=idx.device)
-    banned[:, list(exclude)] = True
-    for i, ids in enumerate(row_exclude or ()):
-        banned[i, list(ids)] = True
+    never = [set(exclude).union(ids) for ids in row_exclude or [()] * len(rows)]  # each row's ids never drawn
+    banned = torch.tensor([[v in ids for v in range(logits.size(-1))] for ids in never]).to(idx.device)  # (B, V)
     logprobs = torch.gather(F.log_softmax(logits.masked_fill(banned[:, None], float("-inf")), -1), 2,
                             idx[:, 1:, None]).squeeze(2)
     n = torch.tensor([len(c) for c in completions], device=idx.device)
-    offsets = torch.arange(int(n.max()), device=idx.device)
+    offsets = torch.arange(max(map(len, completions)), device=idx.device)
     starts = torch.tensor([len(p) - 1 for p in prompts], device=idx.device)  # scores the completion's first token
     at = (starts[:, None] + offsets).clamp(max=logprobs.size(1) - 1)
     return torch.gather(logprobs, 1, at).masked_fill(offsets >= n[:, None], 0.0)
@@ -199,11 +197,10 @@ class Generation:
     lengths: torch.Tensor  # (B,) tokens up to and including the stop token
 
 
-def sample_next(logits, temperature: float, top_k, forbid, generator):
-    """Draw one token per row from (B, V) logits; returns the ids and their log-probs."""
-    logits = logits.float()
-    if forbid:
-        logits[:, list(forbid)] = float("-inf")
+def sample_next(logits, temperature: float, top_k, banned, generator):
+    """Draw one token per row from (B, V) logits, never an id that `banned` (V,) marks; returns the ids and their
+    log-probs."""
+    logits = logits.float().masked_fill(banned, float("-inf"))
     if temperature == 0:  # greedy: the log-prob is that of the model's own (temperature 1) distribution
         tok = logits.argmax(-1)
         return tok, torch.gather(F.log_softmax(logits, -1), 1, tok[:, None]).squeeze(1)
@@ -256,17 +253,18 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
     tokens, logprobs = [], []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     hook = EnvironmentHook(env, prompts, samples, max_new_tokens, device) if env is not None else None
-    forbid = (*forbid, pad_id)
+    # The ids never drawn, as a mask on the device made once (a list of ids as an index is copied at every token).
+    banned = torch.tensor([v in (*forbid, pad_id) for v in range(model.config.vocab_size)], device=device)
     for t in range(max_new_tokens):
-        tok, lp = sample_next(logits, temperature, top_k, forbid, generator)
-        tok, lp = hook.write(tok, lp) if hook else (tok, lp)
+        tok, lp = sample_next(logits, temperature, top_k, banned, generator)
+        tok, lp = hook.write(t, tok, lp) if hook else (tok, lp)
         tok = tok.masked_fill(finished, pad_id)
         tokens.append(tok)
         logprobs.append(lp.masked_fill(finished, 0.0))
         finished = finished | (tok == stop_id)
         if t == max_new_tokens - 1 or (t % 8 == 7 and bool(finished.all())):  # check rarely: each check syncs a GPU
             break
-        if hook:
+        if hook:  # the one sync per sampled token: the environment reads the step's ids on the host
             hook.listen(t, tok)
         next_pos = pos[:, -1:] + 1
         if use_cache:  # one new query; it may see every real key so far
@@ -280,27 +278,29 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
 
 
 class EnvironmentHook:
-    """`generate`'s hook for an environment. The rows' ids are mirrored on the host, one copy a step (its only sync);
-    after a row samples `env.trigger`, the ids its reply holds (never the trigger) are written into that row next, in
-    place of samples (log-prob 0), from a queue on the device."""
+    """`generate`'s hook for an environment. After a row samples `env.trigger`, the ids its reply holds (never the
+    trigger) are written into that row at the next steps, in place of samples (log-prob 0). The rows' ids are mirrored
+    on the host, one copy a step: the one sync. A step whose rows sampled the trigger copies the plan back once, while
+    the device has nothing queued to wait for."""
 
     def __init__(self, env, prompts, samples, max_new_tokens, device):
         self.env, self.rows = env, [env.follow(p) for p in prompts for _ in range(samples)]
         self.ids = torch.empty(len(self.rows), max_new_tokens, dtype=torch.long)  # the mirror, on the host
-        self.queue = torch.full((len(self.rows), 1), -1, device=device)  # ids still to write, left-aligned; -1: none
+        self.plan = torch.full_like(self.ids, -1)  # (B, N) the id to write at each step, -1: a sample; on the host
+        self.planned = self.plan.to(device)  # and its copy on the device, read a column a step
 
-    def write(self, tok, lp):
-        """Each row's next queued id, if it has one, in place of its sample."""
-        head, self.queue = self.queue[:, 0], F.pad(self.queue[:, 1:], (0, 1), value=-1)
+    def write(self, t, tok, lp):
+        """Each row's id planned for step t, if it has one, in place of its sample."""
+        head = self.planned[:, t]
         return torch.where(head >= 0, head, tok), lp.masked_fill(head >= 0, 0.0)
 
     def listen(self, t, tok):
-        """Mirror step t's ids; queue the reply of each row that sampled the trigger, in one copy to the device."""
+        """Mirror step t's ids; plan the reply of each row that sampled the trigger, in one copy to the device."""
         self.ids[:, t] = tok.cpu()
         rows = (self.ids[:, t] == self.env.trigger).nonzero().squeeze(1).tolist()
         if rows:
             replies = [self.rows[r].reply(ids) for r, ids in zip(rows, self.ids[rows, :t + 1].tolist())]
-            width = max(self.queue.size(1), max(map(len, replies)))
-            self.queue = F.pad(self.queue, (0, width - self.queue.size(1)), value=-1)
-            queued = torch.tensor([reply + [-1] * (width - len(reply)) for reply in replies])
-            self.queue[rows] = queued.to(self.queue.device)
+            for r, reply in zip(rows, replies):  # from step t + 1, as much as fits before the last step
+                self.plan[r, t + 1:t + 1 + len(reply)] = torch.tensor(reply[:self.plan.size(1) - t - 1])
+            end = t + 1 + max(map(len, replies))
+            self.planned[:, t + 1:end].copy_(self.plan[:, t + 1:end])

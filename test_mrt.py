@@ -718,19 +718,19 @@ def test_interrupted_run_resumes_from_finished_stages(smoke_run, coin_rewards, t
 
 def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, coin_rewards, tmp_path, monkeypatch,
                                                                      capsys):
-    calls, real = [], train.check_finite
+    calls, real = [], train.optimizer_step
 
-    def interrupt_at_step_12(loss, model, stage):  # check_finite runs once per training step
-        calls.append(stage)
+    def interrupt_at_step_12(*args):  # optimizer_step runs once per training step
+        calls.append(args)
         if len(calls) == 12:
             raise KeyboardInterrupt
-        real(loss, model, stage)
-    monkeypatch.setattr(train, "check_finite", interrupt_at_step_12)
+        return real(*args)
+    monkeypatch.setattr(train, "optimizer_step", interrupt_at_step_12)
     with pytest.raises(SystemExit) as exit_info:
         train.main([*SMOKE, "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 130 and "run the same command to resume" in capsys.readouterr().err
     assert torch.load(tmp_path / "base.pt", weights_only=True)["step"] == 10  # the last resume point (every 5 steps)
-    monkeypatch.setattr(train, "check_finite", real)
+    monkeypatch.setattr(train, "optimizer_step", real)
     train.main([*SMOKE, "--out-dir", str(tmp_path)])
     assert "resuming at step 10" in capsys.readouterr().out
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(smoke_run[1])
@@ -738,23 +738,23 @@ def test_a_stage_interrupted_midway_resumes_from_its_last_checkpoint(smoke_run, 
 
 def test_an_rl_stage_interrupted_midway_resumes_to_the_same_weights(smoke_run, coin_rewards, tmp_path, monkeypatch):
     flags = [*SMOKE, "--rl-steps", "4", "--snapshot-every", "2", "--arms", "outcome,mrt"]
-    calls, real = [], train.check_finite
+    calls, real = [], train.optimizer_step
 
-    def interrupt_at_rl_step_3(loss, model, stage):  # base and warm are loaded: every call is an RL step
-        calls.append(stage)
+    def interrupt_at_rl_step_3(*args):  # base and warm are loaded: every call is an RL step
+        calls.append(args)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        real(loss, model, stage)
+        return real(*args)
     for run in ("whole", "interrupted"):
         for name in ("base.pt", "warm.pt"):
             (tmp_path / run).mkdir(exist_ok=True)
             (tmp_path / run / name).write_bytes((smoke_run[0] / name).read_bytes())
     train.main(flags + ["--out-dir", str(tmp_path / "whole")])
-    monkeypatch.setattr(train, "check_finite", interrupt_at_rl_step_3)
+    monkeypatch.setattr(train, "optimizer_step", interrupt_at_rl_step_3)
     with pytest.raises(SystemExit, match="130"):
         train.main(flags + ["--out-dir", str(tmp_path / "interrupted")])
     assert torch.load(tmp_path / "interrupted" / "rl_outcome_seed0.pt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(train, "check_finite", real)
+    monkeypatch.setattr(train, "optimizer_step", real)
     train.main(flags + ["--out-dir", str(tmp_path / "interrupted")])
     for arm in ("outcome", "mrt"):
         whole, resumed = (weights(tmp_path / run / f"rl_{arm}_seed0.pt") for run in ("whole", "interrupted"))
@@ -1022,8 +1022,10 @@ def test_unwritable_out_dir_and_missing_device_are_clear_errors(tmp_path, capsys
 
 def test_non_finite_loss_stops_training():
     model = tiny_model()
+    optimizer, x = train.make_optimizer(model, 1e-3, 0.1), torch.tensor([[tasks.BOS_ID, 3, 4]])
+    train.check_finite(train.optimizer_step(model, optimizer, model(x, x)[1]), "base")  # a finite step passes
     with pytest.raises(FloatingPointError, match="non-finite"):
-        train.check_finite(torch.tensor(float("nan")), model, "base")
+        train.check_finite(train.optimizer_step(model, optimizer, model(x, x)[1] * float("nan")), "base")
 
 
 def test_the_room_is_what_the_block_leaves_after_the_prompt_and_mus_answer():

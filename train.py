@@ -68,21 +68,23 @@ def make_optimizer(model: GPT, lr: float, weight_decay: float):
                              lr=lr, betas=(0.9, 0.95))
 
 
-def check_finite(loss, model, stage):
-    """Stop before a NaN/inf loss or gradient reaches the weights (the last checkpoint stays the good one)."""
-    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
-    if not torch.isfinite(loss) or (grads and not torch.isfinite(torch.stack(grads).sum())):
-        raise FloatingPointError(f"{stage}: non-finite loss or gradient (loss={loss.item()}); "
-                                 f"lower the learning rate. Finished stages' checkpoints are intact.")
-
-
-def optimizer_step(model, optimizer, loss, stage: str):
-    """Backpropagate, stop on a non-finite loss or gradient, clip the gradient norm to 1, update."""
+def optimizer_step(model, optimizer, loss) -> torch.Tensor:
+    """Backpropagate, clip the gradient norm to 1, update; returns whether the loss and the gradient were finite, a
+    flag left on the device (see `check_finite`)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    check_finite(loss, model, stage)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the total norm, before clipping
     optimizer.step()
+    return torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+
+
+def check_finite(finite, stage):
+    """Stop on a non-finite loss or gradient (`finite`: the flags of the steps since the last check, and-ed). Reading
+    it waits for the device, so SFT reads it only where the host waits anyway, with the logged loss, and before each
+    snapshot: the weights a NaN reached are never saved, the last checkpoint stays the good one."""
+    if not finite:
+        raise FloatingPointError(f"{stage}: non-finite loss or gradient; lower the learning rate. Finished stages' "
+                                 f"checkpoints are intact.")
 
 
 def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, checkpoint, evaluate=None):
@@ -90,6 +92,7 @@ def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, checkpoint, 
     optimizer = make_optimizer(model, lr, weight_decay=0.1)
     start = checkpoint.resume(model, optimizer, [gen])
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True)
+    finite = torch.ones((), dtype=torch.bool, device=device)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr)
@@ -99,8 +102,11 @@ def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, checkpoint, 
         model.train()
         with autocast(device):
             _, loss = model(x, y)
-        optimizer_step(model, optimizer, loss, stage)
-        if step % 25 == 0 or step == steps - 1:  # .item() syncs: log every few steps only
+        finite &= optimizer_step(model, optimizer, loss)
+        logged = step % 25 == 0 or step == steps - 1  # .item() syncs: log every few steps only
+        if logged or (step + 1) % checkpoint.every == 0:
+            check_finite(finite, stage)
+        if logged:
             log(stage=stage, step=step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -170,7 +176,7 @@ def rl_step(model, optimizer, task, problems, cfg, arm, gen, meta_gen, device) -
     model.train()
     with autocast(device):
         loss = mrt.rl_loss(model, task, batch)
-    optimizer_step(model, optimizer, loss, arm)
+    check_finite(optimizer_step(model, optimizer, loss), arm)  # RL waits for the device at every step anyway
     return {**batch.stats, "loss": loss.item()}
 
 
