@@ -1,9 +1,10 @@
 """How fast is each part, measured against this machine's own matmul peak. Prints a table, writes bench.json.
 
-    python bench.py                 # CPU or CUDA, whichever train.py would pick
-    python bench.py --out-dir out   # also read the stage timings of a finished `python train.py` run there
+    python bench.py                 # CPU or CUDA, whichever train.py would pick; the cpu preset's sizes and run (out)
+    python bench.py --preset gpu    # the gpu preset's sizes; the warm start and stage timings of its run (out/gpu)
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -77,31 +78,30 @@ def profile_training(cfg, device, rows=12):
     with torch.profiler.profile() as prof:
         for _ in range(3):
             step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # where the time is spent
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows))
 
 
-def bench_sampling(cfg, device, batch=128, new_tokens=48) -> dict:
-    """Batched greedy generation with the KV cache vs recomputing the whole prefix every step."""
-    model = train.new_model(cfg, device).eval()
+def bench_sampling(cfg, device, model, batch=128, new_tokens=48) -> dict:
+    """Batched greedy generation with the KV cache vs recomputing the whole prefix every step. Their outputs are
+    compared in fp32: in bf16, logits that (nearly) tie may round differently in the two ways and read as a bug."""
     task = train.make_task(cfg)
     prompts = [tasks.encode(task.prompt(p)) for p in tasks.make_split(task, batch, 1, cfg.seed)[0]]
-    outs = {}
 
-    def run(use_cache):
-        with autocast(device):
-            outs[use_cache] = generate(model, prompts, new_tokens, stop_id=-1, pad_id=tasks.PAD_ID, temperature=0,
-                                       use_cache=use_cache)
+    def run(use_cache, fp32=False):
+        with contextlib.nullcontext() if fp32 else autocast(device):
+            return generate(model, prompts, new_tokens, stop_id=-1, pad_id=tasks.PAD_ID, temperature=0,
+                            use_cache=use_cache).tokens
     cached, recomputed = timed(lambda: run(True), 3, device), timed(lambda: run(False), 2, device)
     tokens = batch * new_tokens
     return {"batch": batch, "new_tokens": new_tokens, "kv_cache_tokens_per_s": tokens / cached,
             "recompute_tokens_per_s": tokens / recomputed, "speedup": recomputed / cached,
-            "identical_outputs": bool(torch.equal(outs[True].tokens, outs[False].tokens))}
+            "identical_outputs": bool(torch.equal(run(True, fp32=True), run(False, fp32=True)))}
 
 
-def bench_environment(cfg, device, out_dir, problems=128) -> dict:
+def bench_environment(cfg, device, model, problems=128) -> dict:
     """Sampling policy streams (temperature 1, KV cache) with the environment writing results and verdicts vs the
     same model writing everything itself: what the forced-token path costs."""
-    model = load_warm(cfg, device, out_dir)[0]
     seconds = {}
     for calculator in (True, False):
         task = dataclasses.replace(train.make_task(cfg), calculator=calculator)
@@ -138,17 +138,20 @@ def environment_share(sample, device) -> float:
         model.EnvironmentHook.listen = real
 
 
-def load_warm(cfg, device, out_dir):
-    """The warm-start model of a finished train.py run in out_dir (realistic lengths), else an untrained one."""
-    path = os.path.join(out_dir, "warm.pt")
-    if os.path.exists(path):
-        return train.model_from(train.load_checkpoint(path, device), device), path
-    return train.new_model(cfg, device), "untrained (run train.py first for realistic lengths)"
+def load_warm(cfg, device):
+    """The warm-start model of a train.py run in --out-dir (realistic lengths), else an untrained one. A model of
+    another size or task than the preset's is refused."""
+    path = os.path.join(cfg.out_dir, "warm.pt")
+    if not os.path.exists(path):
+        return train.new_model(cfg, device), "untrained (run train.py first for realistic lengths)"
+    blob = train.load_checkpoint(path, device)
+    train.check_made_with(path, blob, cfg, (*train.TASK_FIELDS, "n_layer", "n_head", "n_embd"),
+                          f"pass the --preset it was made with, or the --out-dir of a --preset {cfg.preset} run")
+    return train.model_from(blob, device), path
 
 
-def bench_rl(cfg, device, out_dir) -> dict:
+def bench_rl(cfg, device, model, source) -> dict:
     """Wall time of one RL step of every arm, from the same model and batch."""
-    model, source = load_warm(cfg, device, out_dir)
     task = train.make_task(cfg)
     problems = [p for p in tasks.make_split(task, cfg.rl_prompts, 1, cfg.seed)[0] for _ in range(cfg.rl_group)]
     seconds = {}
@@ -162,26 +165,31 @@ def bench_rl(cfg, device, out_dir) -> dict:
                                                                       seconds.items()}}
 
 
-def main():
-    """Run every benchmark, print the table, write bench.json."""
+def main(argv=None):
+    """Run every benchmark, print the table, write bench.json. A bad device or checkpoint is one line on stderr."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    parser.add_argument("--preset", default="cpu", help="model sizes of this train.py preset (default: cpu)")
-    parser.add_argument("--out-dir", default="out", help="a train.py output dir to read checkpoints and timings from")
+    parser.add_argument("--preset", default="cpu", choices=list(train.PRESETS),
+                        help="model sizes, task and --out-dir of this train.py preset (default: cpu)")
+    parser.add_argument("--out-dir", help="the train.py run to read (default: the preset's --out-dir)")
     parser.add_argument("--profile", action="store_true", help="only print a profile of one training step")
-    args = parser.parse_args()
-    cfg = train.parse_args(["--preset", args.preset, "--device", args.device])
-    device = train.pick_device(cfg.device)
+    args = parser.parse_args(argv)
+    out_dir = ["--out-dir", args.out_dir] if args.out_dir else []
+    cfg = train.parse_args(["--preset", args.preset, "--device", args.device, *out_dir])
+    try:
+        device = train.pick_device(cfg.device)
+        model, source = load_warm(cfg, device)  # first: a refused checkpoint stops the bench before any timing
+    except train.UserError as e:
+        train.fail(f"error: {e}")
     torch.manual_seed(0)
     if args.profile:
         return profile_training(cfg, device)
     peak = matmul_peak(device)
     results = {"device": str(device), "machine": evaluation.machine(device), "threads": torch.get_num_threads(),
                "preset": args.preset, "matmul_peak_gflops": peak / 1e9,
-               "training": bench_training(cfg, device, peak), "sampling": bench_sampling(cfg, device),
-               "environment": bench_environment(cfg, device, args.out_dir),
-               "rl_step": bench_rl(cfg, device, args.out_dir),
-               "pipeline_s": evaluation.stage_seconds(os.path.join(args.out_dir, "log.jsonl"))}
+               "training": bench_training(cfg, device, peak), "sampling": bench_sampling(cfg, device, model.eval()),
+               "environment": bench_environment(cfg, device, model), "rl_step": bench_rl(cfg, device, model, source),
+               "pipeline_s": evaluation.stage_seconds(os.path.join(cfg.out_dir, "log.jsonl"))}
     with open("bench.json", "w") as f:
         json.dump(results, f, indent=1)
     t, s, e, r = results["training"], results["sampling"], results["environment"], results["rl_step"]
@@ -191,7 +199,7 @@ def main():
           f"(batch {t['batch']}, {t['params'] / 1e6:.2f}M params)")
     print(f"{'sampling, KV cache':<34}{s['kv_cache_tokens_per_s']:>10.0f} tok/s")
     print(f"{'sampling, recompute prefix':<34}{s['recompute_tokens_per_s']:>10.0f} tok/s   speed-up "
-          f"{s['speedup']:.1f}x, identical outputs: {s['identical_outputs']}")
+          f"{s['speedup']:.1f}x, identical outputs (fp32): {s['identical_outputs']}")
     print(f"{'sampling with / without environment':<34}{e['with_env_s']:>10.2f} s / {e['model_only_s']:.2f} s   "
           f"ratio {e['ratio']:.2f}x ({e['rows']} streams)")
     print(f"{'  of it in the environment (host)':<34}{100 * e['environment_share']:>10.0f} %")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import evaluation
 import model as model_module
 import mrt
@@ -789,6 +790,22 @@ def test_the_gpu_presets_task_trains_end_to_end_at_smoke_size(tmp_path):  # 4 nu
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["summary"]) == set(results["per_problem"]) == {"base", "warm", *mrt.ARMS}
     assert results["config"]["n_numbers"] == 4 and results["train_problems"] == train.PRESETS["smoke"]["n_train"]
+
+
+def test_each_preset_writes_to_its_own_out_dir_and_bench_reads_the_presets_checked(smoke_run, tmp_path, monkeypatch,
+                                                                                    capsys):
+    out_dirs = [train.parse_args(["--preset", preset]).out_dir for preset in train.PRESETS]
+    assert len(set(out_dirs)) == len(out_dirs)  # --preset gpu after the CPU default finds none of its files
+    (tmp_path / "warm.pt").write_bytes((smoke_run[0] / "warm.pt").read_bytes())  # a smoke model: 3 numbers, 1 layer
+    for preset in ("gpu", "smoke"):
+        monkeypatch.setitem(train.PRESETS[preset], "out_dir", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # where bench.json would go
+    with pytest.raises(SystemExit):  # refused before anything is timed
+        bench.main(["--preset", "gpu", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path}/warm.pt was made with --n-numbers 3 " in err and "--preset" in err
+    cfg = train.parse_args(["--preset", "smoke"])
+    assert bench.load_warm(cfg, torch.device("cpu"))[1] == str(tmp_path / "warm.pt")  # its own preset's: taken
 
 
 def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, coin_rewards, tmp_path):

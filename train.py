@@ -287,12 +287,7 @@ def explain(cfg: Config, rollouts: int = 32):
     if not os.path.exists(path):
         raise UserError(f"--explain {cfg.explain}: no checkpoint {path} (run train.py with this --out-dir first)")
     blob = load_checkpoint(path, device)
-    shared = ("task", "n_numbers", "max_number", "max_target", "model_only", "block_size")  # the model's task and room
-    made = {k: v for k, v in blob["stage_config"].items() if k in shared and v != getattr(cfg, k)}
-    if made:
-        options = lambda values: " ".join(f"{flag(k)} {v}" for k, v in values.items())
-        raise UserError(f"--explain {cfg.explain}: {path} was made with {options(made)}, not "
-                        f"{options({k: getattr(cfg, k) for k in made})}: pass the options it was made with")
+    check_made_with(path, blob, cfg, TASK_FIELDS, "pass the options it was made with")
     model = model_from(blob, device).eval()
     try:
         problem = task.parse_problem(cfg.problem) if cfg.problem else \
@@ -397,7 +392,7 @@ class Config:
     # run
     seed: int = opt(0, "seed of data, initialisation and sampling")
     device: str = opt("auto", "where to run (auto: cuda, else mps, else cpu)", choices=["auto", "cpu", "cuda", "mps"])
-    out_dir: str = opt("out", "where checkpoints, logs and results go")
+    out_dir: str = opt("out", "where checkpoints, logs and results go (presets but cpu: out/<preset>)")
     preset: str = opt("cpu", "cpu (default sizes), long (a warm-start twice as long), gpu (4 numbers, larger model) "
                              "or smoke (tiny, seconds)", choices=["cpu", "long", "gpu", "smoke"])
     smoke: bool = opt(False, "same as --preset smoke")
@@ -411,7 +406,8 @@ class Config:
 PRESETS = {
     "cpu": {}, "long": dict(warm_steps=1800, out_dir="out/long"),
     "gpu": dict(n_numbers=4, n_layer=6, n_head=6, n_embd=384, block_size=192, base_steps=4000, batch_size=256,
-                warm_problems=4096, rl_steps=200, rl_prompts=32, train_room=128, n_test=1000, lr=1e-3),
+                warm_problems=4096, rl_steps=200, rl_prompts=32, train_room=128, n_test=1000, lr=1e-3,
+                out_dir="out/gpu"),
     "smoke": dict(n_train=1000, n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
                   warm_problems=32, warm_rollouts=2, warm_steps=10, rl_steps=2, rl_prompts=4, rl_group=4,
                   mc_rollouts=2, rl_seeds=1, arms="outcome,mrt,mrt_prefix", eval_streams=4, value_streams=2,
@@ -572,6 +568,18 @@ def model_from(blob: dict, device) -> GPT:
     model = GPT(GPTConfig(**blob["model_args"])).to(device)
     model.load_state_dict(blob["model"])
     return model
+
+
+TASK_FIELDS = ("task", "n_numbers", "max_number", "max_target", "model_only", "block_size")  # a model's task and room
+
+
+def check_made_with(path: str, blob: dict, cfg: Config, names, what_to_do: str):
+    """Refuse (UserError) a checkpoint dict made with other values of `names` than cfg's, naming them and the remedy."""
+    made = {k: v for k, v in blob["stage_config"].items() if k in names and v != getattr(cfg, k)}
+    if made:
+        options = lambda values: " ".join(f"{flag(k)} {v}" for k, v in values.items())
+        raise UserError(f"{path} was made with {options(made)}, not {options({k: getattr(cfg, k) for k in made})}: "
+                        f"{what_to_do}")
 
 
 class Checkpoint:
