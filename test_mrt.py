@@ -856,6 +856,21 @@ def test_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "base.pt: not a readable mrt checkpoint" in capsys.readouterr().err
 
 
+def test_a_snapshot_resumes_only_on_the_kind_of_device_that_made_it(smoke_run, tmp_path, capsys):
+    for name in ("base.pt", "warm.pt"):
+        (tmp_path / name).write_bytes((smoke_run[0] / name).read_bytes())
+    snapshot = torch.load(smoke_run[0] / "rl_outcome_seed0.pt", weights_only=True)
+    assert snapshot["device"] == "cpu"
+    # As if snapshotted at step 1 on a GPU: a CUDA generator's state is 16 bytes (seed, offset), a CPU one's 5056.
+    cuda_state = torch.zeros(16, dtype=torch.uint8)
+    snapshot.update(step=1, device="cuda", rngs=[snapshot["rngs"][0], cuda_state, cuda_state])
+    torch.save(snapshot, tmp_path / "rl_outcome_seed0.pt")
+    with pytest.raises(SystemExit):
+        train.main([*SMOKE, "--out-dir", str(tmp_path), "--arms", "outcome"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rl_outcome_seed0.pt: a snapshot made on cuda" in err and "--device cuda" in err
+
+
 def test_explain_prints_each_episode_with_its_progress(smoke_run, capsys):
     train.main([*SMOKE, "--out-dir", str(smoke_run[0]), "--explain", "warm", "--problem", "3 7 9:20"])
     out = capsys.readouterr().out

@@ -601,9 +601,16 @@ class Checkpoint:
         return self.blob is not None and self.blob["step"] == self.steps
 
     def resume(self, model, optimizer, rngs) -> int:
-        """Load the saved state into model, optimizer and generators; returns the step to continue from."""
+        """Load the saved state into model, optimizer and generators; returns the step to continue from. Only on the
+        device that made it: a CUDA generator's state fits no CPU one, and the warm-start's traces (drawn afresh from
+        the seed at every start, not saved) are drawn alike on the same device only."""
         if self.blob is None:
             return 0
+        here = model.wte.weight.device.type
+        made_on = self.blob.get("device", here)  # files from before the device was recorded: taken as made here
+        if made_on != here:
+            raise UserError(f"{self.path}: a snapshot made on {made_on} resumes there only: pass --device {made_on}, "
+                            f"or delete it to run this stage again from its start on {here}")
         model.load_state_dict(self.blob["model"])
         optimizer.load_state_dict(self.blob["optimizer"])
         for rng, state in zip(rngs, self.blob["rngs"]):
@@ -619,7 +626,7 @@ class Checkpoint:
     def save(self, step: int, model, optimizer, rngs):
         """Write the checkpoint atomically (see `write_atomically`)."""
         blob = {"model": model.state_dict(), "model_args": asdict(model.config), "stage_config": self.stage_cfg,
-                "step": step, "optimizer": optimizer.state_dict(),
+                "step": step, "optimizer": optimizer.state_dict(), "device": model.wte.weight.device.type,
                 "rngs": [r.get_state() if isinstance(r, torch.Generator) else r.getstate() for r in rngs],
                 "tokenizer": {"alphabet": tasks.ALPHABET, "specials": tasks.SPECIALS}}
         write_atomically(self.path, lambda tmp: torch.save(blob, tmp))
