@@ -110,7 +110,8 @@ def train_sft(model, X, Y, steps, lr, cfg, device, gen, stage, log, checkpoint, 
             log(stage=stage, step=step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            acc = evaluate(model)
+            with autocast(device):
+                acc = evaluate(model)
             log(stage=stage, step=step, test_accuracy=acc)
             bar.write(f"{stage} step {step + 1}: greedy test accuracy {acc:.3f}")
         checkpoint.step_done(step + 1, model, optimizer, [gen])
@@ -295,10 +296,12 @@ def explain(cfg: Config, rollouts: int = 32):
     except ValueError as e:
         raise UserError(f"--problem: {e}") from None
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    prompts, completions = mrt.sample_completions(model, task, [problem], task.room(cfg.block_size, [problem]), gen)
-    thinking, answer = mrt.split_completion(completions[0])
-    episodes = mrt.split_episodes(thinking)
-    values = mrt.episode_values(mrt.MetaProver(model, task, generator=gen), [problem], prompts, [episodes], rollouts)[0]
+    with autocast(device):
+        prompts, completions = mrt.sample_completions(model, task, [problem], task.room(cfg.block_size, [problem]), gen)
+        thinking, answer = mrt.split_completion(completions[0])
+        episodes = mrt.split_episodes(thinking)
+        values = mrt.episode_values(mrt.MetaProver(model, task, generator=gen), [problem], prompts, [episodes],
+                                    rollouts)[0]
     print(f"problem x: {tasks.decode(prompts[0][1:]).strip()}   (model: {path}; J from {rollouts} rollouts of μ)")
     print("(an episode is an attempt; a backtrack line opens the episode of the attempt after it: see split_episodes)")
     print(f"{'':<6}{'J(μ | x) with no thinking':<46}J = {values[0]:.2f}")
