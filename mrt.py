@@ -2,8 +2,8 @@
 
 Notation (the paper's):  x a problem,  z = [z_0, z_1, ..., z_{k-1}] the thinking stream cut into episodes,
 μ the meta-prover (the same model, forced to stop thinking and answer),  J(μ | x, z_{0:j}) its success rate after
-episodes 0..j,  J(π*) a comparator's success rate,  r(x, z) the 0/1 outcome reward,
-α the weight of the progress bonus.
+episodes 0..j,  J(π*) a comparator's success rate,  r(x, z) the 0/1 outcome reward,  α the weight of the progress bonus.
+Reading order: episodes, sampling, μ and J, progress and regret, advantages and loss, an RL step, warm-start traces.
 """
 import itertools
 from dataclasses import dataclass
@@ -39,7 +39,53 @@ def split_completion(completion: list[int]):
     return completion[:cut], completion[cut:]
 
 
-# ----------------------------------------------------------------------------- the meta-prover μ
+def budget_cut(thinking: list[int], budget: int) -> list[int]:
+    """The first `budget` thinking tokens, less an unfinished last line, and less a backtrack line at the end: μ
+    answers from complete lines, and never right after a backtrack line (see `split_episodes`)."""
+    ends = (tasks.NEWLINE_ID, *tasks.VERDICT_IDS)
+    cut = thinking[:budget]
+    while True:
+        while cut and cut[-1] not in ends:
+            cut.pop()
+        last_line = max((i + 1 for i, t in enumerate(cut[:-1]) if t in ends), default=0)
+        if cut[last_line:last_line + 1] != [tasks.BACKTRACK_ID]:
+            return cut
+        cut = cut[:last_line]  # and look again: backtrack lines may follow one another
+
+
+# ----------------------------------------------------------------------------- sampling (the policy and μ alike)
+def complete(model, contexts: list[list[int]], max_new_tokens: int, generator=None, temperature=1.0, samples=1,
+             forbid=(), env=None, max_rows=None):
+    """`samples` sampled continuations of every context (consecutive per context), without pads; at most
+    `max_new_tokens` each, fewer where the longest context leaves less room in the model's block.
+    `env`: the task's environment (`tasks.environment`), which writes its tokens into the continuations.
+
+    All rows are sampled at once where their KV cache fits `MAX_CACHE_BYTES` (model.py) and they are at most
+    `max_rows`, else in groups of contexts that are. The grouping changes the random numbers a row draws: μ and the
+    evaluation sample at most `MetaProver.max_rows` a call, as every reported number was measured."""
+    longest = max(map(len, contexts))
+    if longest >= model.config.block_size:
+        raise ValueError(f"a context of {longest} tokens leaves no room to generate")
+    n_new = min(max_new_tokens, model.config.block_size - longest)
+    fit = rows_that_fit(model, longest + n_new)
+    per_call = max(1, min(fit, max_rows or fit) // samples)  # contexts per generate() call
+    rows = []
+    for i in range(0, len(contexts), per_call):
+        gen = generate(model, contexts[i:i + per_call], n_new, tasks.EOS_ID, tasks.PAD_ID, temperature,
+                       forbid=(*forbid, *tasks.NEVER_SAMPLED), generator=generator, samples=samples, env=env)
+        rows += [[t for t in row if t != tasks.PAD_ID] for row in gen.tokens.tolist()]
+    return rows
+
+
+def sample_completions(model, task, problems, max_new_tokens: int, generator=None, temperature=1.0, samples=1,
+                       max_rows=None):
+    """Prompts (token lists) and `samples` sampled completions per problem."""
+    prompts = [tasks.encode(task.prompt(p)) for p in problems]
+    return prompts, complete(model, prompts, max_new_tokens, generator, temperature, samples,
+                             env=tasks.environment(task), max_rows=max_rows)
+
+
+# ----------------------------------------------------------------------------- the meta-prover μ and J
 def forced_answer_context(prompt: list[int], episodes: list[list[int]], j: int) -> list[int]:
     """The input of μ after j episodes: x, z_{0:j-1}, then <|answer|> (the model must answer now).
 
@@ -86,11 +132,12 @@ def estimate_success(meta_prover, problems: list, contexts: list[list[int]], n_r
     context share its prefill in the KV cache), shortest contexts first.
     """
     unique = {(p, tuple(c)): (p, c) for p, c in zip(problems, contexts)}  # each identical pair once
-    unique = dict(sorted(unique.items(), key=lambda kv: len(kv[1][1])))  # by length: a batch pads to its longest
-    pairs = list(unique.values())
-    rewards = meta_prover([p for p, _ in pairs], [c for _, c in pairs], n_rollouts)
-    value = {k: sum(rewards[i * n_rollouts:(i + 1) * n_rollouts]) / n_rollouts for i, k in enumerate(unique)}
-    return [value[(p, tuple(c))] for p, c in zip(problems, contexts)]
+    pairs = sorted(unique.values(), key=lambda pair: len(pair[1]))  # shortest first: a batch pads to its longest
+    rewards = meta_prover([p for p, _ in pairs], [c for _, c in pairs], n_rollouts)  # n per pair, in order
+    J_estimates = {}  # (x, c as a tuple) -> J(μ | x, c)
+    for i, (p, c) in enumerate(pairs):
+        J_estimates[(p, tuple(c))] = sum(rewards[i * n_rollouts:(i + 1) * n_rollouts]) / n_rollouts
+    return [J_estimates[(p, tuple(c))] for p, c in zip(problems, contexts)]
 
 
 def episode_values(meta_prover, problems, prompts, episode_lists, n_rollouts, max_episodes=None) -> list[list[float]]:
@@ -98,12 +145,15 @@ def episode_values(meta_prover, problems, prompts, episode_lists, n_rollouts, ma
 
     Past the end of a stream its value stays at the full stream's value (the model stopped thinking).
     """
-    lengths = [len(eps) if max_episodes is None else max_episodes for eps in episode_lists]  # k per stream
-    flat_p = [p for p, k in zip(problems, lengths) for _ in range(k + 1)]
-    flat_c = [forced_answer_context(prompt, eps, min(j, len(eps)))
-              for prompt, eps, k in zip(prompts, episode_lists, lengths) for j in range(k + 1)]
-    flat = iter(estimate_success(meta_prover, flat_p, flat_c, n_rollouts))
-    return [[next(flat) for _ in range(k + 1)] for k in lengths]
+    if max_episodes is None:
+        n_episodes = [len(episodes) for episodes in episode_lists]  # k per stream
+    else:
+        n_episodes = [max_episodes] * len(episode_lists)
+    forced_problems = [p for p, k in zip(problems, n_episodes) for _ in range(k + 1)]
+    forced_contexts = [forced_answer_context(prompt, episodes, min(j, len(episodes)))  # μ's input after j episodes
+                       for prompt, episodes, k in zip(prompts, episode_lists, n_episodes) for j in range(k + 1)]
+    J_estimates = iter(estimate_success(meta_prover, forced_problems, forced_contexts, n_rollouts))
+    return [[next(J_estimates) for _ in range(k + 1)] for k in n_episodes]  # k + 1 per stream, in turn
 
 
 def verdict_values(episodes: list[list[int]]) -> list[float]:
@@ -113,24 +163,24 @@ def verdict_values(episodes: list[list[int]]) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- progress and regret
-def progress_bonus(values: list[float]) -> list[float]:
+def progress_bonus(J_values: list[float]) -> list[float]:
     """r_prg(z_j; c_{j-1}) = J(μ | x, z_{0:j}) − J(μ | x, z_{0:j-1}) for j = 0..k-1.
 
-    `values` = [J(μ | x), J(μ | x, z_0), ..., J(μ | x, z_{0:k-1})] (k+1 numbers) -> k bonuses.
+    `J_values` = [J(μ | x), J(μ | x, z_0), ..., J(μ | x, z_{0:k-1})] (k+1 numbers) -> k bonuses.
     """
-    return [after - before for before, after in zip(values[:-1], values[1:])]
+    return [after - before for before, after in zip(J_values[:-1], J_values[1:])]
 
 
-def cumulative_regret(values: list[float], j_star: float = 1.0) -> list[float]:
+def cumulative_regret(J_values: list[float], j_star: float = 1.0) -> list[float]:
     """Δ_k(x; π) = Σ_{j=0}^{k-1} ( J(π*) − J(μ | x, z_{0:j}) ) for k = 1..K.
 
-    `values` as in `progress_bonus`; values[0] = J(μ | x) has no episode and so is not part of the sum.
+    `J_values` as in `progress_bonus`; J_values[0] = J(μ | x) has no episode and so is not part of the sum.
     Default J(π*) = 1: every problem here is solvable, so an oracle comparator always succeeds.
     """
-    return list(itertools.accumulate(j_star - v for v in values[1:]))
+    return list(itertools.accumulate(j_star - J for J in J_values[1:]))
 
 
-# ----------------------------------------------------------------------------- rewards and the REINFORCE loss
+# ----------------------------------------------------------------------------- advantages and the REINFORCE loss
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """A_i = r_i − mean(r over the G samples of the same prompt); rewards (P, G).
 
@@ -177,147 +227,6 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
     return -torch.where(mask.bool(), logprobs * advantages, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-# ----------------------------------------------------------------------------- sampling and budget forcing
-def complete(model, contexts: list[list[int]], max_new_tokens: int, generator=None, temperature=1.0, samples=1,
-             forbid=(), env=None, max_rows=None):
-    """`samples` sampled continuations of every context (consecutive per context), without pads; at most
-    `max_new_tokens` each, fewer where the longest context leaves less room in the model's block.
-    `env`: the task's environment (`tasks.environment`), which writes its tokens into the continuations.
-
-    All rows are sampled at once where their KV cache fits `MAX_CACHE_BYTES` (model.py) and they are at most
-    `max_rows`, else in groups of contexts that are. The grouping changes the random numbers a row draws: μ and the
-    evaluation sample at most `MetaProver.max_rows` a call, as every reported number was measured."""
-    longest = max(map(len, contexts))
-    if longest >= model.config.block_size:
-        raise ValueError(f"a context of {longest} tokens leaves no room to generate")
-    n_new = min(max_new_tokens, model.config.block_size - longest)
-    fit = rows_that_fit(model, longest + n_new)
-    per_call, rows = max(1, min(fit, max_rows or fit) // samples), []
-    for i in range(0, len(contexts), per_call):
-        gen = generate(model, contexts[i:i + per_call], n_new, tasks.EOS_ID, tasks.PAD_ID, temperature,
-                       forbid=(*forbid, *tasks.NEVER_SAMPLED), generator=generator, samples=samples, env=env)
-        rows += [[t for t in row if t != tasks.PAD_ID] for row in gen.tokens.tolist()]
-    return rows
-
-
-def sample_completions(model, task, problems, max_new_tokens: int, generator=None, temperature=1.0, samples=1,
-                       max_rows=None):
-    """Prompts (token lists) and `samples` sampled completions per problem."""
-    prompts = [tasks.encode(task.prompt(p)) for p in problems]
-    return prompts, complete(model, prompts, max_new_tokens, generator, temperature, samples,
-                             env=tasks.environment(task), max_rows=max_rows)
-
-
-def budget_cut(thinking: list[int], budget: int) -> list[int]:
-    """The first `budget` thinking tokens, less an unfinished last line, and less a backtrack line at the end: μ
-    answers from complete lines, and never right after a backtrack line (see `split_episodes`)."""
-    ends = (tasks.NEWLINE_ID, *tasks.VERDICT_IDS)
-    cut = thinking[:budget]
-    while True:
-        while cut and cut[-1] not in ends:
-            cut.pop()
-        last_line = max((i + 1 for i, t in enumerate(cut[:-1]) if t in ends), default=0)
-        if cut[last_line:last_line + 1] != [tasks.BACKTRACK_ID]:
-            return cut
-        cut = cut[:last_line]  # and look again: backtrack lines may follow one another
-
-
-# ----------------------------------------------------------------------------- the backtracking warm-start
-def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, generator, rng,
-                 restart="best") -> list[tasks.Trace]:
-    """The paper's warm-start recipe: sample z_0 from the base model; for a failed one, estimate by Monte Carlo the
-    success rate of restarting from each of its steps, and write the trace that backtracks to the best one
-    (restart="scratch": to step 0, where a solution can leave z_0 there)."""
-    prompts, firsts = sample_completions(model, task, problems, max_new_tokens, generator)
-    traces, failed = [], {}
-    for i, (p, comp) in enumerate(zip(problems, firsts)):
-        attempt = task.checked(tasks.parse_output(tasks.decode(comp)).attempts[0])
-        if tasks.is_correct(task, p, attempt):
-            traces.append(tasks.Trace(p, attempt))
-        else:
-            failed[i] = attempt
-    def where_to_restart(i):  # the steps k worth trying; "scratch" keeps only k = 0 where it is one of them
-        steps = restart_steps(task, problems[i], failed[i])
-        return [0] if restart == "scratch" and 0 in steps else steps
-    jobs = [(i, k) for i in failed for k in where_to_restart(i)]
-    kept_text = lambda i, k: tasks.steps_text(failed[i][:k])
-    conts = complete(model, [prompts[i] + tasks.encode(kept_text(i, k)) for i, k in jobs], max_new_tokens,
-                     generator, samples=n_rollouts, env=tasks.environment(task)) if jobs else []
-    rates, rollouts, misses = {}, {}, {}
-    for (i, k), cont in zip([job for job in jobs for _ in range(n_rollouts)], conts):
-        text = kept_text(i, k) + tasks.decode(cont)
-        ok = tasks.verify(task, problems[i], text)
-        rates.setdefault(i, {}).setdefault(k, 0.0)
-        rates[i][k] += ok / n_rollouts
-        attempt = task.checked(tasks.parse_output(text).attempts[0])
-        solved = tasks.is_correct(task, problems[i], attempt)
-        if ok and solved:
-            rollouts.setdefault(i, {}).setdefault(k, []).append(attempt)
-        elif not solved and len(attempt) == task.n_numbers - 1:  # a whole attempt that missed: a failing retry
-            misses.setdefault(i, {}).setdefault(k, []).append(attempt)
-    for i in sorted(rates):
-        traces.append(make_trace(task, problems[i], failed[i], rates[i], rollouts.get(i, {}), rng, misses.get(i, {})))
-    return traces
-
-
-def restart_steps(task, problem, attempt) -> list[int]:
-    """Steps k worth backtracking to: z_0's first k steps are legal and a solution goes on with a *different* step k."""
-    last = min(tasks.valid_prefix(task, problem, attempt), len(attempt) - 1) if attempt else 0
-    return [k for k in range(last + 1) if other_solutions(task, problem, attempt, k)]
-
-
-def other_solutions(task, problem, attempt, k) -> list[list[str]]:
-    """Solutions that keep z_0's first k steps and then leave it (their step k differs from z_0's)."""
-    state = tasks.run_steps(task, problem, attempt[:k])
-    return [s for s in task.solutions(state, problem[1]) if s and (k >= len(attempt) or s[0] != attempt[k])]
-
-
-def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng, misses=None) -> tasks.Trace:
-    """Backtrack to the step with the highest restart success rate (ties: keep more), then attempt anew.
-
-    `rates[k]` is the Monte Carlo success rate of restarting after z_0's first k steps; `rollouts[k]` lists the
-    step lists of the base model's successful restarts, `misses[k]` those of its whole restarts that missed. The
-    solving attempt is one of the successful restarts that leaves z_0 at step k, or else a solver's solution that
-    does; where a restart from k missed, half the traces first retry with it and backtrack again, so that the model
-    also learns what to do after a second miss."""
-    keep = max(rates, key=lambda k: (rates[k], k))
-    good = [s[keep:] for s in rollouts.get(keep, []) if keep >= len(attempt) or s[keep] != attempt[keep]]
-    new_steps = good[0] if good else rng.choice(other_solutions(task, problem, attempt, keep))[keep:]
-    retries = (misses or {}).get(keep, [])
-    return tasks.Trace(problem, attempt, keep, new_steps, tuple(retries[:1]) if retries and rng.random() < 0.5 else ())
-
-
-def build_search_traces(model, task, problems, n_samples: int, max_new_tokens: int, generator, rng,
-                        max_misses: int = 4) -> list[tasks.Trace]:
-    """Traces of a search that never repeats: the base model's own first attempts at a problem (n_samples drawn, each
-    as the environment checked it), in the order it drew them, repeats and attempts with an illegal step left out, up
-    to the first that reaches; after `max_misses` misses, or none reaching, a solver's solution that none of them is
-    (z_0 itself if none was legal). Every attempt after z_0 is learned, misses too: to draw the next attempt as the
-    base model would, among the new."""
-    _, firsts = sample_completions(model, task, problems, max_new_tokens, generator, samples=n_samples)
-    traces = []
-    for i, problem in enumerate(problems):
-        tried, misses, solved = set(), [], None
-        for comp in firsts[i * n_samples:(i + 1) * n_samples]:
-            attempt = task.checked(tasks.parse_output(tasks.decode(comp)).attempts[0])
-            key = tasks.answer_key(task, attempt)
-            if key in tried or len(attempt) != task.n_numbers - 1 or tasks.run_steps(task, problem, attempt) is None:
-                continue
-            tried.add(key)
-            if tasks.is_correct(task, problem, attempt):
-                solved = attempt
-                break
-            misses.append(attempt)
-            if len(misses) == max_misses:
-                break
-        if solved is None:
-            solutions = task.solutions(task.start(problem), problem[1])
-            solved = rng.choice([s for s in solutions if tasks.answer_key(task, s) not in tried])
-        traces.append(tasks.Trace(problem, misses[0], 0, solved, tuple(misses[1:]), learn_retries=True) if misses
-                      else tasks.Trace(problem, solved))
-    return traces
-
-
 # ----------------------------------------------------------------------------- one RL step of each arm
 ARMS = {  # arm -> where the per-episode J of its progress bonus comes from (None: no bonus)
     "outcome": None,  # the 0/1 outcome reward only
@@ -354,18 +263,20 @@ def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
     thinking = [split_completion(c)[0] for c in completions]
     episodes = [split_episodes(t) for t in thinking]
     if ARMS[arm] == "mu":
-        values = episode_values(MetaProver(model, task, generator=meta_gen), problems, prompts, episodes,
-                                cfg.mc_rollouts)
-    else:  # J read off the verdicts, or none at all (outcome RL: every bonus is 0)
-        values = [verdict_values(e) if ARMS[arm] == "verdict" else [0.0] * (len(e) + 1) for e in episodes]
-    bonuses = [progress_bonus(v) for v in values]
+        J_values = episode_values(MetaProver(model, task, generator=meta_gen), problems, prompts, episodes,
+                                  cfg.mc_rollouts)
+    elif ARMS[arm] == "verdict":
+        J_values = [verdict_values(e) for e in episodes]
+    else:  # outcome RL: no J, every bonus is 0
+        J_values = [[0.0] * (len(e) + 1) for e in episodes]
+    bonuses = [progress_bonus(v) for v in J_values]
     credit = [token_advantages(a, [len(e) for e in eps], b, cfg.alpha, len(c))
               for a, eps, b, c in zip(advantages, episodes, bonuses, completions)]
-    flat = [b for bs in bonuses for b in bs]
-    return Batch(prompts, completions, credit, {
-        "reward": rewards.mean().item(), "tokens": sum(map(len, thinking)) / len(thinking),
-        "episodes": sum(map(len, episodes)) / len(episodes),
-        "progress": sum(flat) / len(flat) if ARMS[arm] and flat else None})
+    all_bonuses = [b for bs in bonuses for b in bs]
+    stats = {"reward": rewards.mean().item(), "tokens": sum(map(len, thinking)) / len(thinking),
+             "episodes": sum(map(len, episodes)) / len(episodes),
+             "progress": sum(all_bonuses) / len(all_bonuses) if ARMS[arm] and all_bonuses else None}
+    return Batch(prompts, completions, credit, stats)
 
 
 def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
@@ -373,24 +284,29 @@ def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
     number j of episodes is the context c = x, z_{0:j-1}; from c, rl_group // 2 rollouts answer now (μ) and the
     others keep thinking (c's thinking and the rollout together at most train_room tokens, as in the other arms).
     Each is credited with `prefix_advantages`, on its own tokens only: c is not credited."""
-    unique = problems[::cfg.rl_group]
-    prompts, streams = sample_completions(model, task, unique, cfg.train_room, gen)
-    contexts, answer_now = [], []  # c, and μ's input after it
+    group_problems = problems[::cfg.rl_group]  # each problem once
+    prompts, streams = sample_completions(model, task, group_problems, cfg.train_room, gen)
+    contexts = []  # c
+    answer_now = []  # μ's input after c
     for prompt, stream in zip(prompts, streams):
         episodes = split_episodes(split_completion(stream)[0])
         j = int(torch.randint(max(1, len(episodes)), (), generator=meta_gen, device=meta_gen.device))  # 0..k-1
         contexts.append(prompt + [t for e in episodes[:j] for t in e])
         answer_now.append(forced_answer_context(prompt, episodes, j))
-    n_answer, n_think = cfg.rl_group // 2, cfg.rl_group - cfg.rl_group // 2
-    answers, answer_rewards = MetaProver(model, task, generator=meta_gen).answers(unique, answer_now, n_answer)
+    n_answer = cfg.rl_group // 2
+    n_think = cfg.rl_group - n_answer
+    answers, answer_rewards = MetaProver(model, task, generator=meta_gen).answers(group_problems, answer_now, n_answer)
     thoughts = complete(model, contexts, cfg.train_room, gen, samples=n_think, env=tasks.environment(task))
-    thought_rows, thought_rewards, thinking = [], [], []
+    thought_rows = []
+    thought_rewards = []
+    thinking = []
     for i, thought in enumerate(thoughts):
-        problem, prompt, context = unique[i // n_think], prompts[i // n_think], contexts[i // n_think]
+        prompt = prompts[i // n_think]
+        context = contexts[i // n_think]
         thought = thought[:cfg.train_room - (len(context) - len(prompt))]  # the whole stream within train_room
         stream = context[len(prompt):] + thought
         thought_rows.append((context, thought))
-        thought_rewards.append(tasks.verify(task, problem, tasks.decode(stream)))
+        thought_rewards.append(tasks.verify(task, group_problems[i // n_think], tasks.decode(stream)))
         thinking.append(split_completion(stream)[0])
     rewards = torch.cat([torch.tensor(answer_rewards, dtype=torch.float).view(-1, n_answer),
                          torch.tensor(thought_rewards, dtype=torch.float).view(-1, n_think)], 1)  # (P, G)
@@ -398,10 +314,10 @@ def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
     rows = [(answer_now[i // n_answer], y, advantages[i // n_answer, i % n_answer]) for i, y in enumerate(answers)]
     rows += [(c, y, advantages[i // n_think, n_answer + i % n_think]) for i, (c, y) in enumerate(thought_rows)]
     credit = [torch.full((len(y),), float(a)) for _, y, a in rows]
-    return Batch([c for c, _, _ in rows], [y for _, y, _ in rows], credit,
-                 {"reward": rewards[:, n_answer:].mean().item(), "answer_now": rewards[:, :n_answer].mean().item(),
-                  "tokens": sum(map(len, thinking)) / len(thinking),
-                  "episodes": sum(len(split_episodes(t)) for t in thinking) / len(thinking)})
+    stats = {"reward": rewards[:, n_answer:].mean().item(), "answer_now": rewards[:, :n_answer].mean().item(),
+             "tokens": sum(map(len, thinking)) / len(thinking),
+             "episodes": sum(len(split_episodes(t)) for t in thinking) / len(thinking)}
+    return Batch([c for c, _, _ in rows], [y for _, y, _ in rows], credit, stats)
 
 
 def rl_loss(model, task, batch: Batch) -> torch.Tensor:
@@ -409,7 +325,116 @@ def rl_loss(model, task, batch: Batch) -> torch.Tensor:
     are never sampled. A row whose context ends in <|answer|> was written by μ, which never draws <|backtrack|>."""
     device = model.wte.weight.device
     written = pad_sequence([torch.tensor([not e for e in tasks.environment_mask(task, c)], dtype=torch.float)
-                            for c in batch.completions], batch_first=True)
-    by_mu = [MetaProver.FORBIDS if c[-1] == tasks.ANSWER_ID else () for c in batch.contexts]
-    logprobs = completion_logprobs(model, batch.contexts, batch.completions, tasks.NEVER_SAMPLED, by_mu)
+                            for c in batch.completions], batch_first=True)  # (B, T): 1 where the policy (or μ) wrote
+    # per row, the ids its writer could not draw beyond tasks.NEVER_SAMPLED: μ's rows (context ends in <|answer|>)
+    forbidden_ids = [MetaProver.FORBIDS if c[-1] == tasks.ANSWER_ID else () for c in batch.contexts]
+    logprobs = completion_logprobs(model, batch.contexts, batch.completions, tasks.NEVER_SAMPLED, forbidden_ids)
     return reinforce_loss(logprobs, pad_sequence(batch.credit, batch_first=True).to(device), written.to(device))
+
+
+# ----------------------------------------------------------------------------- the warm-start traces (built before RL)
+def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, generator, rng,
+                 restart="best") -> list[tasks.Trace]:
+    """The paper's warm-start recipe: sample z_0 from the base model; for a failed one, estimate by Monte Carlo the
+    success rate of restarting from each of its steps, and write the trace that backtracks to the best one
+    (restart="scratch": to step 0, where a solution can leave z_0 there)."""
+    prompts, firsts = sample_completions(model, task, problems, max_new_tokens, generator)
+    traces = []
+    failed = {}  # problem index -> its failed z_0
+    for i, (p, comp) in enumerate(zip(problems, firsts)):
+        attempt = task.checked(tasks.parse_output(tasks.decode(comp)).attempts[0])
+        if tasks.is_correct(task, p, attempt):
+            traces.append(tasks.Trace(p, attempt))
+        else:
+            failed[i] = attempt
+    def where_to_restart(i):  # the steps k worth trying; "scratch" keeps only k = 0 where it is one of them
+        steps = restart_steps(task, problems[i], failed[i])
+        return [0] if restart == "scratch" and 0 in steps else steps
+    def kept_text(i, k):  # the text of failed z_0's first k steps, which a restart from k keeps
+        return tasks.steps_text(failed[i][:k])
+
+    jobs = [(i, k) for i in failed for k in where_to_restart(i)]  # (problem index, step k to restart from)
+    continuations = []  # n_rollouts restarts of each job, in order
+    if jobs:
+        continuations = complete(model, [prompts[i] + tasks.encode(kept_text(i, k)) for i, k in jobs], max_new_tokens,
+                                 generator, samples=n_rollouts, env=tasks.environment(task))
+    rates = {}  # i -> k -> Monte Carlo success rate of restarting from step k
+    solving = {}  # i -> k -> the restarts from k that solved (their steps)
+    misses = {}  # i -> k -> the whole restarts from k that missed
+    for (i, k), cont in zip([job for job in jobs for _ in range(n_rollouts)], continuations):
+        text = kept_text(i, k) + tasks.decode(cont)
+        ok = tasks.verify(task, problems[i], text)
+        rates.setdefault(i, {}).setdefault(k, 0.0)
+        rates[i][k] += ok / n_rollouts
+        attempt = task.checked(tasks.parse_output(text).attempts[0])
+        solved = tasks.is_correct(task, problems[i], attempt)
+        if ok and solved:
+            solving.setdefault(i, {}).setdefault(k, []).append(attempt)
+        elif not solved and len(attempt) == task.n_numbers - 1:  # a whole attempt that missed: a failing retry
+            misses.setdefault(i, {}).setdefault(k, []).append(attempt)
+    for i in sorted(rates):
+        traces.append(make_trace(task, problems[i], failed[i], rates[i], solving.get(i, {}), rng, misses.get(i, {})))
+    return traces
+
+
+def restart_steps(task, problem, attempt) -> list[int]:
+    """Steps k worth backtracking to: z_0's first k steps are legal and a solution goes on with a *different* step k."""
+    last = min(tasks.valid_prefix(task, problem, attempt), len(attempt) - 1) if attempt else 0
+    return [k for k in range(last + 1) if other_solutions(task, problem, attempt, k)]
+
+
+def other_solutions(task, problem, attempt, k) -> list[list[str]]:
+    """Solutions that keep z_0's first k steps and then leave it (their step k differs from z_0's)."""
+    state = tasks.run_steps(task, problem, attempt[:k])
+    return [s for s in task.solutions(state, problem[1]) if s and (k >= len(attempt) or s[0] != attempt[k])]
+
+
+def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng, misses=None) -> tasks.Trace:
+    """Backtrack to the step with the highest restart success rate (ties: keep more), then attempt anew.
+
+    `rates[k]` is the Monte Carlo success rate of restarting after z_0's first k steps; `rollouts[k]` lists the
+    step lists of the base model's successful restarts, `misses[k]` those of its whole restarts that missed. The
+    solving attempt is one of the successful restarts that leaves z_0 at step k, or else a solver's solution that
+    does; where a restart from k missed, half the traces first retry with it and backtrack again, so that the model
+    also learns what to do after a second miss."""
+    keep = max(rates, key=lambda k: (rates[k], k))
+    good = [s[keep:] for s in rollouts.get(keep, []) if keep >= len(attempt) or s[keep] != attempt[keep]]
+    new_steps = good[0] if good else rng.choice(other_solutions(task, problem, attempt, keep))[keep:]
+    missed = (misses or {}).get(keep, [])  # the restarts from `keep` that missed
+    retries = tuple(missed[:1]) if missed and rng.random() < 0.5 else ()  # half the traces retry one of them first
+    return tasks.Trace(problem, attempt, keep, new_steps, retries)
+
+
+def build_search_traces(model, task, problems, n_samples: int, max_new_tokens: int, generator, rng,
+                        max_misses: int = 4) -> list[tasks.Trace]:
+    """Traces of a search that never repeats: the base model's own first attempts at a problem (n_samples drawn, each
+    as the environment checked it), in the order it drew them, repeats and attempts with an illegal step left out, up
+    to the first that reaches; after `max_misses` misses, or none reaching, a solver's solution that none of them is
+    (z_0 itself if none was legal). Every attempt after z_0 is learned, misses too: to draw the next attempt as the
+    base model would, among the new."""
+    _, firsts = sample_completions(model, task, problems, max_new_tokens, generator, samples=n_samples)
+    traces = []
+    for i, problem in enumerate(problems):
+        tried = set()  # the answers already tried
+        misses = []
+        solved = None
+        for comp in firsts[i * n_samples:(i + 1) * n_samples]:
+            attempt = task.checked(tasks.parse_output(tasks.decode(comp)).attempts[0])
+            key = tasks.answer_key(task, attempt)
+            if key in tried or len(attempt) != task.n_numbers - 1 or tasks.run_steps(task, problem, attempt) is None:
+                continue
+            tried.add(key)
+            if tasks.is_correct(task, problem, attempt):
+                solved = attempt
+                break
+            misses.append(attempt)
+            if len(misses) == max_misses:
+                break
+        if solved is None:
+            solutions = task.solutions(task.start(problem), problem[1])
+            solved = rng.choice([s for s in solutions if tasks.answer_key(task, s) not in tried])
+        if misses:
+            traces.append(tasks.Trace(problem, misses[0], 0, solved, tuple(misses[1:]), learn_retries=True))
+        else:
+            traces.append(tasks.Trace(problem, solved))
+    return traces
