@@ -168,19 +168,17 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
 
-def completion_logprobs(model: GPT, prompts: list, completions: list, exclude=(), row_exclude=None):
+def completion_logprobs(model: GPT, prompts: list, completions: list, exclude=()):
     """log p(y_t | x, y_<t) of every token of every completion, under grad: (B, T) with T the longest completion,
     rows padded with 0 on the right. One forward pass over the prompt + completion rows, padded on the right.
 
-    `exclude`: ids the sampler never draws, left out of every row's distribution as `generate` does;
-    `row_exclude[i]`: more ids left out of row i's (those its sampler forbade).
+    `exclude`: ids the sampler never draws, left out of every row's distribution as `generate` does.
     """
     rows = [torch.as_tensor(p + c) for p, c in zip(prompts, completions)]
     idx = pad_sequence(rows, batch_first=True, padding_value=0).to(model.wte.weight.device)
     logits = model(idx[:, :-1]).float()  # position t scores token t+1
-    never = [set(exclude).union(ids) for ids in row_exclude or [()] * len(rows)]  # each row's ids never drawn
-    banned = torch.tensor([[v in ids for v in range(logits.size(-1))] for ids in never]).to(idx.device)  # (B, V)
-    logprobs = torch.gather(F.log_softmax(logits.masked_fill(banned[:, None], float("-inf")), -1), 2,
+    banned = torch.tensor([v in exclude for v in range(logits.size(-1))]).to(idx.device)  # (V,): ids never drawn
+    logprobs = torch.gather(F.log_softmax(logits.masked_fill(banned, float("-inf")), -1), 2,
                             idx[:, 1:, None]).squeeze(2)
     n = torch.tensor([len(c) for c in completions], device=idx.device)
     offsets = torch.arange(max(map(len, completions)), device=idx.device)

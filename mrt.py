@@ -110,13 +110,9 @@ class MetaProver:
     FORBIDS = (tasks.BACKTRACK_ID,)  # μ must answer now: it may not think on (not a field: no annotation)
 
     def __call__(self, problems: list, contexts: list[list[int]], n_rollouts: int = 1) -> list[int]:
-        return self.answers(problems, contexts, n_rollouts)[1]
-
-    def answers(self, problems: list, contexts: list[list[int]], n_rollouts: int = 1):
-        """The n sampled answers of every context (token rows after <|answer|>, in order) and their 0/1 rewards."""
         answers = complete(self.model, contexts, self.task.answer_tokens(), self.generator, self.temperature,
                            n_rollouts, forbid=self.FORBIDS, env=tasks.environment(self.task), max_rows=self.max_rows)
-        return answers, score_answers(self.task, [p for p in problems for _ in range(n_rollouts)], answers)
+        return score_answers(self.task, [p for p in problems for _ in range(n_rollouts)], answers)
 
 
 def score_answers(task, problems, answers: list[list[int]]) -> list[int]:
@@ -190,22 +186,6 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - rewards.mean(dim=1, keepdim=True)
 
 
-def prefix_advantages(rewards: torch.Tensor, n_answer_now: int, alpha: float) -> torch.Tensor:
-    """A_i = r_i − b with b = (1 − α) · r̄ + α · Ĵ(μ | x, c), for the G rollouts from one context c (the paper's
-    RL form of MRT); rewards (P, G), in each row first the `n_answer_now` rollouts of μ (answer now), then the rest.
-
-    r̄ is the group mean (outcome RL's baseline) and Ĵ(μ | x, c) the answer-now rollouts' mean, a Monte Carlo
-    J(μ | x, c). With α = 1 this is the released code's A = r − r_termination: a rollout that thinks on is credited
-    with its progress over stopping at c, r − J(μ | x, c). With α = 0, or no answer-now rollouts, it is outcome RL
-    on the prefixed contexts. (With a 0/1 final reward the answer-now success only moves the baseline: what this
-    form changes is where the contexts come from, prefixes of the previous policy π', and that μ's answers train too.)
-    """
-    baseline = rewards.mean(dim=1, keepdim=True)
-    if n_answer_now:
-        baseline = (1 - alpha) * baseline + alpha * rewards[:, :n_answer_now].mean(1, keepdim=True)
-    return rewards - baseline
-
-
 def token_advantages(outcome_advantage: float, episode_lengths: list[int], bonuses: list[float], alpha: float,
                      length: int) -> torch.Tensor:
     """Per-token credit of one completion of `length` tokens (episodes first, then the answer).
@@ -232,14 +212,13 @@ ARMS = {  # arm -> where the per-episode J of its progress bonus comes from (Non
     "outcome": None,  # the 0/1 outcome reward only
     "mrt": "mu",  # + α · progress, J(μ | x, z_{0:j}) from μ's Monte Carlo rollouts (the paper's definition)
     "mrt_verdict": "verdict",  # + α · progress, J from the environment's verdicts alone (`verdict_values`)
-    "mrt_prefix": "prefix",  # the paper's RL form: answer now vs keep thinking from prefixes (`prefix_rollouts`)
 }
 
 
 @dataclass
 class Batch:
-    """What one REINFORCE step trains on: the rows contexts[i] + completions[i], the policy's (or μ's) tokens
-    credited per token with credit[i]; `stats` are the numbers to log."""
+    """What one REINFORCE step trains on: the rows contexts[i] + completions[i], the policy's tokens credited per
+    token with credit[i]; `stats` are the numbers to log."""
     contexts: list[list[int]]
     completions: list[list[int]]
     credit: list[torch.Tensor]
@@ -247,16 +226,10 @@ class Batch:
 
 
 def rollouts(model, task, problems, cfg, arm: str, gen, meta_gen) -> Batch:
-    """The rollouts of one RL step and their credit; `problems` holds each problem cfg.rl_group times in a row. The
-    policy samples with `gen` and μ with `meta_gen`: μ's draws never shift the policy's, so every stream arm (all
-    but mrt_prefix) samples the same streams; each caps a whole completion at cfg.train_room tokens."""
-    arm_rollouts = prefix_rollouts if arm == "mrt_prefix" else stream_rollouts
-    return arm_rollouts(model, task, problems, cfg, arm, gen, meta_gen)
-
-
-def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
-    """rl_group whole streams per problem, every token credited with the outcome advantage; the MRT arms add to
-    each token α times its own episode's progress bonus."""
+    """The rollouts of one RL step and their credit: cfg.rl_group whole streams per problem (`problems` holds each
+    problem rl_group times in a row), each at most cfg.train_room tokens, every token credited with the outcome
+    advantage; the MRT arms add to each token α times its own episode's progress bonus. The policy samples with
+    `gen` and μ with `meta_gen`: μ's draws never shift the policy's, so every arm samples the same streams."""
     prompts, completions = sample_completions(model, task, problems, cfg.train_room, gen)
     rewards = torch.tensor([float(tasks.verify(task, p, tasks.decode(c))) for p, c in zip(problems, completions)])
     advantages = group_advantages(rewards.view(-1, cfg.rl_group)).flatten()
@@ -279,56 +252,13 @@ def stream_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
     return Batch(prompts, completions, credit, stats)
 
 
-def prefix_rollouts(model, task, problems, cfg, arm, gen, meta_gen) -> Batch:
-    """MRT in the paper's RL form. Per problem, a stream from π' (the policy as this step starts) cut after a random
-    number j of episodes is the context c = x, z_{0:j-1}; from c, rl_group // 2 rollouts answer now (μ) and the
-    others keep thinking (c's thinking and the rollout together at most train_room tokens, as in the other arms).
-    Each is credited with `prefix_advantages`, on its own tokens only: c is not credited."""
-    group_problems = problems[::cfg.rl_group]  # each problem once
-    prompts, streams = sample_completions(model, task, group_problems, cfg.train_room, gen)
-    contexts = []  # c
-    answer_now = []  # μ's input after c
-    for prompt, stream in zip(prompts, streams):
-        episodes = split_episodes(split_completion(stream)[0])
-        j = int(torch.randint(max(1, len(episodes)), (), generator=meta_gen, device=meta_gen.device))  # 0..k-1
-        contexts.append(prompt + [t for e in episodes[:j] for t in e])
-        answer_now.append(forced_answer_context(prompt, episodes, j))
-    n_answer = cfg.rl_group // 2
-    n_think = cfg.rl_group - n_answer
-    answers, answer_rewards = MetaProver(model, task, generator=meta_gen).answers(group_problems, answer_now, n_answer)
-    thoughts = complete(model, contexts, cfg.train_room, gen, samples=n_think, env=tasks.environment(task))
-    thought_rows = []
-    thought_rewards = []
-    thinking = []
-    for i, thought in enumerate(thoughts):
-        prompt = prompts[i // n_think]
-        context = contexts[i // n_think]
-        thought = thought[:cfg.train_room - (len(context) - len(prompt))]  # the whole stream within train_room
-        stream = context[len(prompt):] + thought
-        thought_rows.append((context, thought))
-        thought_rewards.append(tasks.verify(task, group_problems[i // n_think], tasks.decode(stream)))
-        thinking.append(split_completion(stream)[0])
-    rewards = torch.cat([torch.tensor(answer_rewards, dtype=torch.float).view(-1, n_answer),
-                         torch.tensor(thought_rewards, dtype=torch.float).view(-1, n_think)], 1)  # (P, G)
-    advantages = prefix_advantages(rewards, n_answer, cfg.alpha)
-    rows = [(answer_now[i // n_answer], y, advantages[i // n_answer, i % n_answer]) for i, y in enumerate(answers)]
-    rows += [(c, y, advantages[i // n_think, n_answer + i % n_think]) for i, (c, y) in enumerate(thought_rows)]
-    credit = [torch.full((len(y),), float(a)) for _, y, a in rows]
-    stats = {"reward": rewards[:, n_answer:].mean().item(), "answer_now": rewards[:, :n_answer].mean().item(),
-             "tokens": sum(map(len, thinking)) / len(thinking),
-             "episodes": sum(len(split_episodes(t)) for t in thinking) / len(thinking)}
-    return Batch([c for c, _, _ in rows], [y for _, y, _ in rows], credit, stats)
-
-
 def rl_loss(model, task, batch: Batch) -> torch.Tensor:
     """The REINFORCE loss of a batch, under grad. Only the tokens the policy wrote are credited: the environment's
-    are never sampled. A row whose context ends in <|answer|> was written by μ, which never draws <|backtrack|>."""
+    are never sampled."""
     device = model.wte.weight.device
     written = pad_sequence([torch.tensor([not e for e in tasks.environment_mask(task, c)], dtype=torch.float)
-                            for c in batch.completions], batch_first=True)  # (B, T): 1 where the policy (or μ) wrote
-    # per row, the ids its writer could not draw beyond tasks.NEVER_SAMPLED: μ's rows (context ends in <|answer|>)
-    forbidden_ids = [MetaProver.FORBIDS if c[-1] == tasks.ANSWER_ID else () for c in batch.contexts]
-    logprobs = completion_logprobs(model, batch.contexts, batch.completions, tasks.NEVER_SAMPLED, forbidden_ids)
+                            for c in batch.completions], batch_first=True)  # (B, T): 1 where the policy wrote
+    logprobs = completion_logprobs(model, batch.contexts, batch.completions, tasks.NEVER_SAMPLED)
     return reinforce_loss(logprobs, pad_sequence(batch.credit, batch_first=True).to(device), written.to(device))
 
 

@@ -346,28 +346,6 @@ def test_mrt_reduces_to_the_backtracking_recipe():
     assert adv.tolist() == pytest.approx([r + alpha * (0.6 - 0.1)] * 6)
 
 
-def test_prefix_advantage_measures_thinking_on_against_answering_now():
-    rewards = torch.tensor([[1.0, 0.0, 1.0, 1.0]])  # answer now: 1, 0 (Ĵ(μ|x,c) = 0.5); keep thinking: 1, 1; r̄ = 0.75
-    assert mrt.prefix_advantages(rewards, 2, alpha=1.0)[0].tolist() == [0.5, -0.5, 0.5, 0.5]  # r − Ĵ
-    b = 0.75 * 0.75 + 0.25 * 0.5  # α = 0.25: the baseline (1 − α) r̄ + α Ĵ
-    assert mrt.prefix_advantages(rewards, 2, alpha=0.25)[0].tolist() == pytest.approx([1 - b, -b, 1 - b, 1 - b])
-    outcome = mrt.group_advantages(rewards).tolist()  # α = 0, or no answer-now rollouts: outcome RL
-    assert mrt.prefix_advantages(rewards, 2, alpha=0.0).tolist() == outcome == mrt.prefix_advantages(rewards, 0, 2.0).tolist()
-
-
-def test_prefix_arm_trains_on_its_rollouts_from_the_cut_streams_only():
-    model, cfg = tiny_model(block_size=128), train.Config(rl_prompts=2, rl_group=4, train_room=40)
-    problems = [p for p in tasks.make_split(TASK, 2, 1, seed=0)[0] for _ in range(4)]
-    batch = mrt.prefix_rollouts(model, TASK, problems, cfg, "mrt_prefix", torch.Generator().manual_seed(0),
-                                torch.Generator().manual_seed(1))
-    contexts, completions, credit = batch.contexts, batch.completions, batch.credit
-    assert len(contexts) == len(completions) == len(credit) == 8  # rl_group rollouts per problem
-    for i, (c, y, a) in enumerate(zip(contexts, completions, credit)):
-        problem = problems[::4][i // 2 % 2]  # answer-now rollouts first (2 per problem), then those that think on
-        assert c[:len(encode(TASK.prompt(problem)))] == encode(TASK.prompt(problem))
-        assert (c[-1] == tasks.ANSWER_ID) == (i < 4) and len(a) == len(y)  # credit: the rollout's own tokens
-
-
 def test_group_advantage_subtracts_the_group_mean():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
     assert mrt.group_advantages(rewards).tolist() == [[0.5, -0.5, -0.5, 0.5], [0.25, 0.25, 0.25, -0.75]]
@@ -590,10 +568,9 @@ def rl_batch(arm, alpha=1.0, model=None, seed=0):
 
 
 def surrogate(model, batch) -> float:
-    """Σ_t A_t log π(y_t) over the tokens the policy (or μ) wrote: what a REINFORCE step must raise."""
-    by_mu = [(tasks.BACKTRACK_ID,) if c[-1] == tasks.ANSWER_ID else () for c in batch.contexts]
+    """Σ_t A_t log π(y_t) over the tokens the policy wrote: what a REINFORCE step must raise."""
     with torch.no_grad():
-        lp = completion_logprobs(model, batch.contexts, batch.completions, (tasks.PAD_ID, *tasks.VERDICT_IDS), by_mu)
+        lp = completion_logprobs(model, batch.contexts, batch.completions, (tasks.PAD_ID, *tasks.VERDICT_IDS))
     written = [torch.tensor([not e for e in tasks.environment_mask(TASK, y)]) for y in batch.completions]
     return sum(float(torch.where(w, lp[i, :len(a)] * a, 0.0).sum())  # a verdict's log-prob is -inf: never drawn
                for i, (w, a) in enumerate(zip(written, batch.credit)))
@@ -629,16 +606,6 @@ def test_verdict_bonus_is_read_off_the_environments_verdicts():
     episodes = [flat(*miss), flat(tasks.BACKTRACK_ID, *miss), flat(tasks.BACKTRACK_ID, *hit)]
     assert mrt.verdict_values(episodes) == [0.0, 0.0, 0.0, 1.0]
     assert mrt.progress_bonus(mrt.verdict_values(episodes)) == [0.0, 0.0, 1.0]
-
-
-def test_prefix_arm_baseline_moves_with_alpha_only(coin_rewards):
-    zero, one = (rl_batch("mrt_prefix", alpha, seed=3)[3] for alpha in (0.0, 1.0))  # seed 0's coins: no shift
-    assert zero.completions == one.completions and zero.contexts == one.contexts
-    shifts = [float((a - b)[0]) if len(a) else 0.0 for a, b in zip(one.credit, zero.credit)]
-    assert any(abs(s) > 0 for s in shifts)  # the baseline Ĵ(μ | x, c) replaces the group mean
-    for g in range(2):  # one baseline per problem: the same shift on each of its 4 rollouts (2 answer now, 2 think on)
-        rows = [2 * g, 2 * g + 1, 4 + 2 * g, 5 + 2 * g]
-        assert max(shifts[i] for i in rows) == pytest.approx(min(shifts[i] for i in rows))
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -681,13 +648,13 @@ def numbers(results):
 def test_smoke_run_writes_results(smoke_run):
     out, results = smoke_run
     cfg, n_test = results["config"], results["test_problems"]
-    assert set(results["summary"]) == set(results["per_problem"]) == {"base", "warm", "outcome", "mrt", "mrt_prefix"}
+    assert set(results["summary"]) == set(results["per_problem"]) == {"base", "warm", "outcome", "mrt", "mrt_verdict"}
     for name, s in results["summary"].items():
         assert 0 <= s["accuracy"]["low"] <= s["accuracy"]["mean"] <= s["accuracy"]["high"] <= 1
         assert len(s["regret"]["mean"]) == cfg["max_episodes"] and len(s["J"]["mean"]) == cfg["max_episodes"] + 1
         for e in results["per_problem"][name]:  # per-problem success counts, out of --eval-streams
             assert len(e["successes"]) == n_test and all(0 <= c <= cfg["eval_streams"] for c in e["successes"])
-    assert {"mrt - outcome", "mrt_prefix - outcome", "mrt_prefix - mrt", "mrt - base"} <= set(results["paired"])
+    assert {"mrt - outcome", "mrt_verdict - outcome", "mrt_verdict - mrt", "mrt - base"} <= set(results["paired"])
     assert len(results["test_set"]) == n_test and results["machine"]
     assert (out / "log.jsonl").exists() and (out / "base.pt").exists()
     accuracy = results["summary"]["outcome"]["accuracy"]

@@ -373,7 +373,7 @@ class Config:
                        choices=["search", "best", "scratch"])
     # stage 3: RL
     arms: str = opt("outcome,mrt", "RL arms, comma-separated: outcome (0/1 reward), mrt (+ progress bonus, J from μ), "
-                                   "mrt_verdict (J from the verdicts: no μ), mrt_prefix (the paper's RL form)")
+                                   "mrt_verdict (J from the verdicts: no μ)")
     rl_steps: int = opt(200, "REINFORCE steps per arm", 0)
     rl_prompts: int = opt(16, "problems per RL step", 1)
     rl_group: int = opt(8, "samples per problem (the group of the baseline)", 1)
@@ -413,7 +413,7 @@ PRESETS = {
                 out_dir="out/gpu"),
     "smoke": dict(n_train=1000, n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
                   warm_problems=32, warm_rollouts=2, warm_steps=10, rl_steps=2, rl_prompts=4, rl_group=4,
-                  mc_rollouts=2, rl_seeds=1, arms="outcome,mrt,mrt_prefix", eval_streams=4, value_streams=2,
+                  mc_rollouts=2, rl_seeds=1, arms="outcome,mrt,mrt_verdict", eval_streams=4, value_streams=2,
                   eval_rollouts=1, max_episodes=3, budget_step=16, snapshot_every=5, out_dir="out/smoke"),
 }
 
@@ -464,7 +464,6 @@ def check_config(cfg: Config):
         (not set(arms) <= set(mrt.ARMS), f"--arms must name some of {', '.join(mrt.ARMS)}, got {cfg.arms!r}"),
         (len(set(arms)) < len(arms), f"--arms names an arm twice: {cfg.arms!r}"),
         (cfg.problem and not cfg.explain, "--problem is the problem for --explain: pass --explain too"),
-        ("mrt_prefix" in cfg.arms and cfg.rl_group < 2, "--arms mrt_prefix needs --rl-group >= 2"),
     ]
     for broken, message in rules:
         if broken:
@@ -541,7 +540,7 @@ STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
              "practice_per_problem", "model_only", "no_env_loss"],
     "warm": ["warm_problems", "warm_traces", "warm_rollouts", "warm_steps", "warm_lr", "train_room", "restart"],
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
-    "mrt": ["alpha", "mc_rollouts"], "mrt_verdict": ["alpha"], "mrt_prefix": ["alpha"],
+    "mrt": ["alpha", "mc_rollouts"], "mrt_verdict": ["alpha"],
 }
 
 
