@@ -48,8 +48,7 @@ def training_step(cfg, device):
     """One SFT step at the preset's model size and batch on real data, as a closure; also the model and batch."""
     task = train.make_task(cfg)
     problems = tasks.make_split(task, 512, 1, cfg.seed)[0]
-    examples = tasks.base_examples(task, problems, cfg.solutions_per_problem, cfg.cut_prob, cfg.practice_per_problem,
-                                   random.Random(0))
+    examples = tasks.base_examples(task, problems, cfg.solutions_per_problem, cfg.cut_prob, random.Random(0))
     X, Y = train.sft_tensors(task, examples, cfg.block_size)
     model = train.new_model(cfg, device)
     optimizer = train.make_optimizer(model, 1e-4, 0.1)

@@ -142,24 +142,25 @@ def backtrack_counts(task, problem, parsed: tasks.Parsed) -> list[int]:
 
 
 def step_ends(task, problem, thinking: list[int]) -> list[tuple[int, bool]]:
-    """(end, alive) for each step line of a thinking stream: `end` counts its tokens through the line's newline and
-    the verdict after it, if any; `alive`: whether the target can still be reached from the state after the step
-    (the attempt's steps so far, kept ones included)."""
+    """(end, alive) for each step line inside an attempt (one that leaves two numbers or more, so no verdict follows
+    it: μ must judge the state itself): `end` counts the stream's tokens through the line's newline; `alive`,
+    whether the target can still be reached from the state after it (the attempt's steps so far, kept ones included)."""
     out = []
     for end, token in enumerate(thinking, 1):
+        if token != tasks.NEWLINE_ID:
+            continue
         text = tasks.decode(thinking[:end])
-        if token != tasks.NEWLINE_ID or tasks.BACKTRACK in text[:-1].rpartition("\n")[2]:
-            continue  # not a line end, or the end of a backtrack line
+        line = text[:-1].rpartition("\n")[2]
         steps = tasks.parse_output(text).attempts[-1]
-        if thinking[end:end + 1] and thinking[end] in tasks.VERDICT_IDS:
-            end += 1
-        out.append((end, is_alive(task, problem, steps)))
+        if line and tasks.BACKTRACK not in line and len(steps) < task.n_numbers - 1:
+            out.append((end, is_alive(task, problem, steps)))
     return out
 
 
 def state_values(meta_prover, task, problems, prompts, completions, n_rollouts=1) -> list[list]:
-    """[1[alive], J(μ | x, thinking through the step)] after each step line of each stream (see `step_ends`): can
-    μ, forced to answer there, tell a state from which the target is reachable from a dead one? One call to μ."""
+    """[1[alive], J(μ | x, thinking through the step)] after each step line inside an attempt of each stream (see
+    `step_ends`): can μ, forced to answer there, tell a state from which the target is reachable from a dead one,
+    with no verdict to read? One call to μ."""
     owners, contexts = [], []
     for i, (problem, prompt, completion) in enumerate(zip(problems, prompts, completions)):
         thinking = mrt.split_completion(completion)[0]
@@ -175,9 +176,8 @@ def state_values(meta_prover, task, problems, prompts, completions, n_rollouts=1
 
 
 def bonus_measures(evals: list[dict], seed: int = 0) -> dict:
-    """Pooled over streams and seeds: corr(r_prg, 1[reached]), the mean bonus of each kind of episode and how J moved
-    after 1, 2, 3 distinct misses, with a 95% bootstrap interval that redraws test problems (a problem's episodes go
-    together: they are not independent)."""
+    """Pooled over streams and seeds: corr(r_prg, 1[reached]) and the mean bonus of each kind of episode, with a 95%
+    bootstrap interval that redraws test problems (a problem's episodes go together: they are not independent)."""
     rows = np.array([[p, *r] for e in evals for p, rs in enumerate(e["episode_bonuses"]) for r in rs],
                     dtype=float).reshape(-1, 6)
     problem, j, bonus, verdict, repeat, kept = rows.T
@@ -191,23 +191,7 @@ def bonus_measures(evals: list[dict], seed: int = 0) -> dict:
     P = len(evals[0]["episode_bonuses"])
     per_problem = lambda p, x: np.bincount(p.astype(int), x, minlength=P)  # (P,) sums
     mean = lambda p, x: {"n": len(x), **ratio_interval(per_problem(p, x), per_problem(p, np.ones_like(x)), seed)}
-    misses = distinct_misses(rows)
-    return {"corr_with_reached": corr, **{k: mean(problem[w], bonus[w]) for k, w in kinds.items()},
-            **{f"J change after distinct miss {d}": mean(*misses[misses[:, 1] == d][:, [0, 2]].T) for d in (1, 2, 3)}}
-
-
-def distinct_misses(rows: np.ndarray) -> np.ndarray:
-    """[problem, d, J(μ | x, z_{0:j}) − J(μ | x)] after each z_j that is a stream's d-th distinct missed attempt, while
-    all its episodes missed (none reached or unfinished); the streams with d = 2, 3 are fewer, and harder ones."""
-    out = []
-    for p, j, bonus, verdict, repeat, _ in rows:
-        if j == 0:
-            gain, d, searching = 0.0, 0, True
-        gain, searching = gain + bonus, searching and verdict == 0
-        if searching and not repeat:
-            d += 1
-            out.append([p, d, gain])
-    return np.array(out, dtype=float).reshape(-1, 3)
+    return {"corr_with_reached": corr, **{k: mean(problem[w], bonus[w]) for k, w in kinds.items()}}
 
 
 def ratio_interval(sums: np.ndarray, counts: np.ndarray, seed: int = 0, n_boot: int = 2000) -> dict:
@@ -227,8 +211,7 @@ def score_stream(task, problem, completion) -> dict:
     the room cut short is not one): [its index j, right, 1[z_j repeats an earlier attempt of the stream]]."""
     thinking, text = mrt.split_completion(completion)[0], tasks.decode(completion)
     episodes, whole_lines = mrt.split_episodes(thinking), mrt.budget_cut(thinking, len(thinking))
-    parsed = tasks.parse_output(tasks.decode(whole_lines))
-    attempts = [task.checked(a) for a in parsed.attempts]
+    attempts = [task.checked(a) for a in tasks.parse_output(tasks.decode(whole_lines)).attempts]
     last_step = tasks.parse_step(attempts[0][-1]) if attempts[0] else None
     keys = [tasks.answer_key(task, a) for a in attempts]
     z_0 = episodes[0] if episodes else []
@@ -238,7 +221,7 @@ def score_stream(task, problem, completion) -> dict:
             "later": [(j, tasks.is_correct(task, problem, a), keys[j] in keys[:j])
                       for j, a in enumerate(attempts) if j and len(a) == task.n_numbers - 1],
             "answered": tasks.parse_output(text).answer is not None, "backtracked": tasks.BACKTRACK_ID in thinking,
-            "backtracks": backtrack_counts(task, problem, parsed),
+            "backtracks": backtrack_counts(task, problem, tasks.parse_output(tasks.decode(thinking))),
             "ends_on_target": last_step is not None and last_step[3] == problem[1]}
 
 
@@ -363,8 +346,8 @@ def backtrack_measures(evals: list[dict], seed: int = 0) -> dict:
 
 
 def step_state_measures(evals: list[dict], seed: int = 0) -> dict:
-    """Pooled over the value streams' step lines: the share of states that are alive, and J(μ) after an alive and
-    after a dead one (does μ see progress inside an attempt?); intervals redraw test problems."""
+    """Pooled over the value streams' states inside an attempt: the share that are alive, and J(μ) after an alive
+    and after a dead one (does μ see progress inside an attempt?); intervals redraw test problems."""
     rows = np.array([[p, *r] for e in evals for p, rs in enumerate(e["step_states"]) for r in rs],
                     dtype=float).reshape(-1, 3)
     problem, alive, J = rows.T
@@ -419,17 +402,12 @@ def machine(device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- reporting
-def cell(s: dict, i=None, digits=3, star=True) -> str:
-    """`mean [low, high]`; for a difference (star=True), a * where the interval excludes 0."""
+def cell(s: dict, i=None, digits=3, star=True, interval=True) -> str:
+    """`mean [low, high]` (or the signed mean alone, for a narrow column); for a difference (star=True), a * where the
+    interval excludes 0."""
     mean, low, high = (s[k] if i is None else s[k][i] for k in ("mean", "low", "high"))
-    claim = star and (low > 0 or high < 0)
-    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]" + ("*" if claim else " ")
-
-
-def mean_only(s: dict, i=None, digits=3) -> str:
-    """A difference's mean with its * (the interval excludes 0), for a narrow column."""
-    mean, low, high = (s[k] if i is None else s[k][i] for k in ("mean", "low", "high"))
-    return f"{mean:+.{digits}f}" + ("*" if low > 0 or high < 0 else " ")
+    text = f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]" if interval else f"{mean:+.{digits}f}"
+    return text + ("*" if star and (low > 0 or high < 0) else " ")
 
 
 def show(x, form=".3f") -> str:
@@ -449,7 +427,7 @@ def print_table(results: dict, cfg):
     for key, whose in (("base", "the base model's"), ("outcome", "outcome RL's")):
         reach = results[f"tokens_to_reach_{key}_accuracy"]
         if reach["target"] is not None:  # outcome RL's is None where the outcome arm did not run
-            print(f"tokens to reach {whose} accuracy ({reach['target']:.3f}), budget-forced: "
+            print(f"budget-forced tokens to reach {whose} accuracy with the whole budget ({reach['target']:.3f}):\n  "
                   + ", ".join(f"{k} {v}" for k, v in reach.items() if k != "target"))
     print(f"every measure, per problem and seed: {os.path.join(cfg.out_dir, 'results.json')}")
 
@@ -469,38 +447,42 @@ def print_models(results: dict, cfg):
 def print_paired(results: dict, cfg):
     """The paired differences a − b (seed s against seed s, problem by problem): * where the interval excludes 0."""
     K = cfg.max_episodes
-    print(f"\n{'paired difference':<22}{'accuracy':<25}{'first attempt':<25}{'thinking tokens':<21}{f'regret Δ_{K}':<21}")
+    print(f"\n{'paired difference':<22}{'accuracy':<25}{'first attempt':<25}{'thinking tokens':<19}{f'regret Δ_{K}':<22}"
+          + ("seeds > 0" if cfg.rl_seeds > 1 else ""))
     for pair, d in results["paired"].items():
         gaps = d["accuracy_per_seed"]
-        by_seed = f"  ({sum(g > 0 for g in gaps)} of {len(gaps)} seeds > 0)" if len(gaps) > 1 else ""
+        by_seed = f"{sum(g > 0 for g in gaps)}/{len(gaps)}" if len(gaps) > 1 else ""
         print(f"{pair:<22}{cell(d['accuracy']):<25}{cell(d['first_attempt_accuracy']):<25}"
-              f"{cell(d['thinking_tokens'], digits=1):<21}{cell(d['regret'], K - 1, 2):<21}{by_seed}")
+              f"{cell(d['thinking_tokens'], digits=1):<19}{cell(d['regret'], K - 1, 2):<22}{by_seed}")
 
 
 def print_versus_restarts(results: dict):
     """Each model against the base model's restarts: at the room, and budget-forced at B thinking tokens."""
     budgets = results["budgets"]
-    shown = [i for i, b in enumerate(budgets) if b in (16, 32, 48, 64)]
+    inner = list(range(1, len(budgets) - 1))  # the budgets between 0 and the room: four of them, evenly spaced
+    step = max(1, len(inner) // 4)
+    shown = inner[step - 1::step][:4]
     print("\neach model − the base model's restarts: at the room, and budget-forced − restarts that then answer")
     print(f"{'':<13}{'at the room':<25}" + "".join(f"{f'B = {budgets[i]}':<10}" for i in shown))
     for name, v in results["versus_base_restarts"].items():
         print(f"{name:<13}{cell(v['accuracy']):<25}"
-              + "".join(f"{mean_only(v['budget_accuracy'], i):<10}" for i in shown))
+              + "".join(f"{cell(v['budget_accuracy'], i, interval=False):<10}" for i in shown))
 
 
 def print_progress(results: dict):
     """What a backtrack keeps, and whether μ's J and bonus tell an alive state (target still reachable) from a dead."""
-    print("\nbacktracks: per stream, share that keep a step, kept states alive; states after a step: alive, J(μ) after an")
-    print("alive / a dead one; μ's mean progress bonus of a later episode whose backtrack keeps no step / alive / dead")
-    print(f"{'':<13}{'per stream':>11}{'keep':>7}{'alive':>7}{'states alive':>14}{'J alive':>9}{'J dead':>8}"
-          f"{'bonus: none':>13}{'alive':>8}{'dead':>8}")
+    print("\nbacktracks: per stream, share that keep a step, share of kept states alive; states inside an attempt:")
+    print("share alive, J(μ) after an alive / a dead one; μ's mean bonus of a later episode that keeps 0 steps / an")
+    print("alive / a dead state (alive: the solver can still reach the target from it; never shown to the model)")
+    print(f"{'':<13}{'per stream':>11}{'keep':>7}{'alive':>7}{'inside: alive':>15}{'J alive':>9}{'J dead':>8}"
+          f"{'keeps 0':>10}{'alive':>8}{'dead':>8}")
     for name, b in results["backtracks"].items():
         s, bonus = results["step_states"][name], results["progress_bonus"][name]
         print(f"{name:<13}{b['per_stream']:>11.2f}{show(b['keep_a_step']['mean'], '.0%'):>7}"
-              f"{show(b['kept_alive']['mean'], '.0%'):>7}{show(s['alive']['mean'], '.0%'):>14}"
+              f"{show(b['kept_alive']['mean'], '.0%'):>7}{show(s['alive']['mean'], '.0%'):>15}"
               f"{show(s['J after an alive state']['mean']):>9}{show(s['J after a dead state']['mean']):>8}"
               + "".join(f"{show(bonus[k]['mean'], '+.3f'):>{w}}" for k, w in
-                        (("keeps no step", 13), ("keeps an alive state", 8), ("keeps a dead state", 8))))
+                        (("keeps no step", 10), ("keeps an alive state", 8), ("keeps a dead state", 8))))
 
 
 def print_search(results: dict):

@@ -1,8 +1,9 @@
 """Meta Reinforcement Fine-Tuning (Qu et al., 2025), at toy scale. Read top to bottom.
 
 Notation (the paper's):  x a problem,  z = [z_0, z_1, ..., z_{k-1}] the thinking stream cut into episodes,
-μ the meta-prover (the same model, forced to stop thinking and answer),  J(μ | x, z_{0:j}) its success rate after
-episodes 0..j,  J(π*) a comparator's success rate,  r(x, z) the 0/1 outcome reward,  α the weight of the progress bonus.
+μ the meta-prover (the same model, forced to stop thinking and answer),  c_j = (x, z_{0:j}) the context after
+episodes 0..j,  J(μ | x, z_{0:j}) = J(μ | c_j) μ's success rate from it,  J(π*) a comparator's success rate,
+r(x, z) the 0/1 outcome reward,  α the weight of the progress bonus.
 Reading order: episodes, sampling, μ and J, progress and regret, advantages and loss, an RL step, warm-start traces.
 """
 import itertools
@@ -263,11 +264,9 @@ def rl_loss(model, task, batch: Batch) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the warm-start traces (built before RL)
-def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, generator, rng,
-                 restart="best") -> list[tasks.Trace]:
+def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, generator, rng) -> list[tasks.Trace]:
     """The paper's warm-start recipe: sample z_0 from the base model; for a failed one, estimate by Monte Carlo the
-    success rate of restarting from each of its steps, and write the trace that backtracks to the best one
-    (restart="scratch": to step 0, where a solution can leave z_0 there)."""
+    success rate of restarting from each of its steps, and write the trace that backtracks to the best one."""
     prompts, firsts = sample_completions(model, task, problems, max_new_tokens, generator)
     traces = []
     failed = {}  # problem index -> its failed z_0
@@ -277,13 +276,11 @@ def build_traces(model, task, problems, n_rollouts: int, max_new_tokens: int, ge
             traces.append(tasks.Trace(p, attempt))
         else:
             failed[i] = attempt
-    def where_to_restart(i):  # the steps k worth trying; "scratch" keeps only k = 0 where it is one of them
-        steps = restart_steps(task, problems[i], failed[i])
-        return [0] if restart == "scratch" and 0 in steps else steps
+
     def kept_text(i, k):  # the text of failed z_0's first k steps, which a restart from k keeps
         return tasks.steps_text(failed[i][:k])
 
-    jobs = [(i, k) for i in failed for k in where_to_restart(i)]  # (problem index, step k to restart from)
+    jobs = [(i, k) for i in failed for k in restart_steps(task, problems[i], failed[i])]  # (problem, step k)
     continuations = []  # n_rollouts restarts of each job, in order
     if jobs:
         continuations = complete(model, [prompts[i] + tasks.encode(kept_text(i, k)) for i, k in jobs], max_new_tokens,

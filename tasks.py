@@ -1,5 +1,5 @@
 """The world the model lives in: a character-level tokenizer, the search tasks, the environment that calculates and
-checks, and their training text (solver solutions, arithmetic practice, backtracking traces).
+checks, and their training text (solver solutions, backtracking traces).
 
 One model output (everything after the prompt) has a single text format, shared by every stage; `[...]` marks what
 the environment writes (the model writes the rest):
@@ -391,13 +391,10 @@ def environment(task):
 
 
 # ----------------------------------------------------------------------------- training text and backtracking traces
-def base_examples(task, problems, solutions_per_problem: int, cut_prob: float, practice_per_problem: int,
-                  rng: random.Random) -> list:
+def base_examples(task, problems, solutions_per_problem: int, cut_prob: float, rng: random.Random) -> list:
     """(problem, pieces) examples, pieces being (text, learn) pairs; the loss is on learn=True text only. Per problem:
     `solutions_per_problem` solver solutions, one attempt then the answer, of which `cut_prob` cut the thinking short
-    before <|answer|> (this teaches μ to answer from partial thinking); and `practice_per_problem` random legal lines
-    of play with the loss on each step's result only (arithmetic practice for --model-only: a solution's last result
-    is always the target, so from solutions alone a model learns to bend its last step onto it, `9*7=39`)."""
+    before <|answer|> (this teaches μ to answer from partial thinking)."""
     out = []
     for p in problems:
         solutions = task.solutions(task.start(p), p[1])
@@ -407,10 +404,6 @@ def base_examples(task, problems, solutions_per_problem: int, cut_prob: float, p
                 out.append((p, [(cut, False), (steps_text(steps) + EOS, True)]))
             else:
                 out.append((p, [(attempt_text(task, p, steps) + ANSWER + steps_text(steps) + EOS, True)]))
-        for _ in range(practice_per_problem):
-            moves_and_results = [step.split("=") for step in task.random_play(task.start(p), rng)]
-            out.append((p, [(piece, learn) for move, result in moves_and_results
-                            for piece, learn in ((move + "=", False), (result + "\n", True))]))
     return out
 
 

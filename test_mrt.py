@@ -99,11 +99,8 @@ def test_random_play_is_legal_to_the_end():
         assert len(play) == 2 and tasks.valid_prefix(TASK, PROBLEM, play) == 2
 
 
-def test_arithmetic_practice_is_a_legal_line_of_play_learned_on_its_results_only():
-    solution, (_, practice) = tasks.base_examples(TASK, [PROBLEM], 1, 0.0, 1, random.Random(0))
-    play = "".join(text for text, _ in practice).split()
-    assert tasks.valid_prefix(TASK, PROBLEM, play) == len(play) == 2
-    assert "".join(text for text, learn in practice if learn) == "".join(s.split("=")[1] + "\n" for s in play)
+def test_a_base_example_is_a_solution_learned_whole():
+    (solution,) = tasks.base_examples(TASK, [PROBLEM], 1, 0.0, random.Random(0))
     only = tasks.steps_text(["9*3=27", "27-7=20"])  # PROBLEM's one solution, learned whole
     assert solution[1] == [(only + tasks.REACHED + ANSWER + only + EOS, True)]  # the environment's verdict: reached
 
@@ -150,12 +147,11 @@ def test_environment_mask_marks_what_the_environment_wrote():
     assert not any(tasks.environment_mask(Countdown(3, 10, 100, calculator=False), encode(text)))
 
 
-def test_sft_puts_loss_on_the_environments_tokens_unless_told_not_to():
+def test_sft_puts_loss_on_the_environments_tokens_too():
     text = "9*3=27\n27-7=20\n" + tasks.REACHED + ANSWER + "9*3=27\n27-7=20\n" + EOS
     targets = lambda **kw: decode([y for y in train.sft_tensors(TASK, [(PROBLEM, [(text, True)])], 64, **kw)[1][0]
                                    .tolist() if y != -1])
     assert targets() == text  # the default: predicting the results and the verdict is learned too
-    assert targets(env_loss=False) == "9*3=27-7=" + ANSWER + "9*3=27-7=" + EOS  # --no-env-loss
 
 
 @pytest.mark.parametrize("first_step", [False, True])  # contexts: the prompts, or prompts with a step already in them
@@ -850,7 +846,7 @@ def test_explain_prints_each_episode_with_its_progress(smoke_run, capsys):
     (["--explain", "nothing"], "--explain"), (["--explain", "base", "--problem", "1 2 3:1000"], "--problem"),
     (["--n-test", "5000"], "--n-test"), (["--value-streams", "8"], "--value-streams"),
     (["--rl-prompts", "5000"], "--rl-prompts"), (["--arms", "outcome,ppo"], "--arms"),
-    (["--practice-per-problem", "2"], "--practice-per-problem"), (["--restart", "middle"], "--restart"),
+    (["--restart", "middle"], "--restart"),
     (["--lr", "nan"], "--lr must be a finite number"), (["--alpha", "inf"], "--alpha must be a finite number"),
     (["--warm-lr", "0"], "--warm-lr must be > 0"), (["--arms", "outcome,outcome"], "--arms names an arm twice"),
     (["--block-size", "20"], "raise --block-size to 104"), (["--lr", "abc"], "--lr: invalid float value"),
@@ -927,16 +923,6 @@ def test_episode_bonuses_mark_reached_and_repeated_attempts():
     assert measures["reached z_0"] == {"n": 0, "mean": None, "low": None, "high": None}
     new = measures["later missed, new"]  # a replicate without problem 1 has no such episode: it is left out
     assert new["n"] == 2 and new["mean"] == pytest.approx(0.3) and new["low"] == new["high"] == pytest.approx(0.3)
-
-
-def test_J_after_distinct_misses_sums_the_bonuses_along_a_stream_until_it_stops_missing():
-    rows = np.array([[0, 0, -0.25, 0, 0], [0, 1, 0.0, 0, 1], [0, 2, 0.1, 0, 0], [0, 3, 0.9, 1, 0],  # a repeat, a reach
-                     [1, 0, -0.5, 0, 0], [1, 1, 0.2, -1, 0], [1, 2, 0.3, 0, 0]])  # unfinished: the count stops
-    rows = np.c_[rows, np.zeros(len(rows))]  # what each backtrack kept: nothing here
-    assert np.allclose(evaluation.distinct_misses(rows), [[0, 1, -0.25], [0, 2, -0.15], [1, 1, -0.5]])
-    measures = evaluation.bonus_measures([{"episode_bonuses": [[r[1:] for r in rows[:4]], [r[1:] for r in rows[4:]]]}])
-    assert measures["J change after distinct miss 1"]["mean"] == pytest.approx(-0.375)  # over both problems
-    assert measures["J change after distinct miss 2"]["n"] == 1 and measures["J change after distinct miss 3"]["n"] == 0
 
 
 def test_a_pooled_mean_over_problems_gets_an_interval_that_redraws_problems():
@@ -1073,10 +1059,11 @@ def test_backtracks_count_the_steps_they_keep_and_whether_the_kept_state_is_aliv
     assert measures["kept_alive"]["mean"] == 0.5 and measures["steps_kept"]["mean"] == pytest.approx(2 / 3)
 
 
-def test_J_after_each_step_pairs_the_state_the_solver_judges_with_what_mu_answers_there():
-    problem, thinking = ((1, 2, 3), 6), encode(KEEPS_ALIVE)
-    # "1+2=3\n" ends at token 6 (alive); "3*3=9\n" and its verdict at 13 (dead); "3+3=6\n" and its verdict at 23
-    assert evaluation.step_ends(TASK, problem, thinking) == [(6, True), (13, False), (23, True)]
+def test_J_after_each_step_inside_an_attempt_pairs_the_state_the_solver_judges_with_what_mu_answers_there():
+    problem, thinking = ((1, 2, 3), 6), encode(KEEPS_DEAD + "1+2=3\n")
+    # Inside an attempt (no verdict after the line): "3-1=2\n" ends at token 6, dead; "1+2=3\n" after `<|backtrack|>0`
+    # at 32, alive. The lines that end an attempt ("2*2=4", and "2+2=4" after the kept step) are left out.
+    assert evaluation.step_ends(TASK, problem, thinking) == [(6, False), (32, True)]
     seen = []
 
     def mu(problems, contexts, n_rollouts):  # right unless the context holds a miss; records what it is shown
@@ -1084,12 +1071,11 @@ def test_J_after_each_step_pairs_the_state_the_solver_judges_with_what_mu_answer
         return [int(tasks.MISSED_ID not in c) for c in contexts for _ in range(n_rollouts)]
     prompt = encode(TASK.prompt(problem))
     states = evaluation.state_values(mu, TASK, [problem], [prompt], [thinking], n_rollouts=2)
-    assert states == [[[1, 1.0], [0, 0.0], [1, 0.0]]]  # [alive, J]: the last state is alive, but μ copies the miss
-    assert sorted(map(len, seen)) == [len(prompt) + n + 1 for n in (6, 13, 23)]  # each context ends in <|answer|>
-    measures = evaluation.step_state_measures([{"step_states": states[0:1] + [[[0, 0.5]]]}])
-    assert measures["alive"]["mean"] == 0.5 and measures["J after an alive state"]["mean"] == 0.5
-    assert measures["J after a dead state"]["mean"] == 0.25
-
+    assert states == [[[0, 1.0], [1, 0.0]]]  # [alive, J]
+    assert sorted(seen) == sorted(prompt + thinking[:n] + [tasks.ANSWER_ID] for n in (6, 32))
+    measures = evaluation.step_state_measures([{"step_states": [states[0] + [[1, 0.5]]]}])
+    assert measures["alive"]["mean"] == pytest.approx(2 / 3) and measures["J after an alive state"]["mean"] == 0.25
+    assert measures["J after a dead state"]["mean"] == 1.0
 
 def test_the_bonus_is_pooled_by_what_a_later_episode_kept():
     first = [[0, -0.3, 0, 0, evaluation.NONE_KEPT], [1, 0.4, 0, 0, evaluation.ALIVE], [2, -0.2, 0, 0, evaluation.DEAD]]

@@ -33,15 +33,15 @@ from model import GPT, GPTConfig, autocast
 
 
 # ----------------------------------------------------------------------------- supervised stages
-def sft_tensors(task, examples, block_size: int, env_loss: bool = True):
+def sft_tensors(task, examples, block_size: int):
     """Inputs X and targets Y (N, T) from (problem, pieces) examples; Y is -1 (no loss) on the prompt, on pieces
-    with learn=False, on the padding and, unless `env_loss`, on the tokens the environment writes."""
+    with learn=False and on the padding. The environment's tokens are learned too: predicting them teaches
+    arithmetic, though the model never writes them."""
     rows = []
     for p, pieces in examples:
         parts = [(tasks.encode(task.prompt(p)), False)] + [(tasks.encode(text), learn) for text, learn in pieces]
-        ids, learn = [i for ids, _ in parts for i in ids], [learn for ids, learn in parts for _ in ids]
-        if not env_loss:  # the model never writes the environment's tokens (though predicting them teaches arithmetic)
-            learn = [keep and not env for keep, env in zip(learn, tasks.environment_mask(task, ids))]
+        ids = [i for ids, _ in parts for i in ids]
+        learn = [learn for ids, learn in parts for _ in ids]
         rows.append((ids, learn))
     T = max(len(ids) for ids, _ in rows) - 1
     if T > block_size:
@@ -139,8 +139,8 @@ def train_base(task, train, test, cfg: Config, device, log, checkpoint) -> GPT:
     torch.manual_seed(cfg.seed)
     model = new_model(cfg, device)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters")
-    examples = tasks.base_examples(task, train, cfg.solutions_per_problem, cfg.cut_prob, cfg.practice_per_problem, rng)
-    X, Y = sft_tensors(task, examples, cfg.block_size, not cfg.no_env_loss)
+    examples = tasks.base_examples(task, train, cfg.solutions_per_problem, cfg.cut_prob, rng)
+    X, Y = sft_tensors(task, examples, cfg.block_size)
     return train_sft(model, X, Y, cfg.base_steps, cfg.lr, cfg, device, batches, "base", log, checkpoint,
                      lambda m: accuracy(m, task, test, cfg.block_size, temperature=0))  # greedy
 
@@ -153,7 +153,7 @@ def train_warm(base, task, train, cfg: Config, device, log, checkpoint) -> GPT:
         problems = rng.sample(train, min(cfg.warm_problems, len(train))) * cfg.warm_traces  # each copy: a fresh draw
         traces = mrt.build_search_traces(base, task, problems, 2 * cfg.warm_rollouts, cfg.train_room, gen, rng) \
             if cfg.restart == "search" else mrt.build_traces(base, task, problems, cfg.warm_rollouts, cfg.train_room,
-                                                             gen, rng, cfg.restart)
+                                                             gen, rng)
     text = lambda t: task.prompt(t.problem) + "".join(piece for piece, _ in t.pieces(task))
     traces = [t for t in traces if len(tasks.encode(text(t))) <= cfg.block_size + 1]  # long misses can overflow
     backtracks = sum(t.keep is not None for t in traces)
@@ -161,9 +161,8 @@ def train_warm(base, task, train, cfg: Config, device, log, checkpoint) -> GPT:
     log(stage="warm", seed=cfg.seed, traces=len(traces), backtrack_traces=backtracks)
     # Replay base examples too (one problem's worth per `solutions_per_problem` traces): keeps the skills and μ.
     replayed = rng.sample(train, min(len(train), max(1, len(traces) // cfg.solutions_per_problem)))
-    replay = tasks.base_examples(task, replayed, cfg.solutions_per_problem, cfg.cut_prob, cfg.practice_per_problem, rng)
-    X, Y = sft_tensors(task, [(t.problem, t.pieces(task)) for t in traces] + replay, cfg.block_size,
-                       not cfg.no_env_loss)
+    replay = tasks.base_examples(task, replayed, cfg.solutions_per_problem, cfg.cut_prob, rng)
+    X, Y = sft_tensors(task, [(t.problem, t.pieces(task)) for t in traces] + replay, cfg.block_size)
     return train_sft(copy.deepcopy(base), X, Y, cfg.warm_steps, cfg.warm_lr, cfg, device, batches, "warm-start", log,
                      checkpoint)
 
@@ -357,9 +356,7 @@ class Config:
     lr: float = opt(3e-3, "peak learning rate of base pretraining (warmup + cosine)")
     solutions_per_problem: int = opt(4, "solver solutions written out per training problem", 1)
     cut_prob: float = opt(0.25, "share of base examples whose thinking is cut short before <|answer|> (teaches μ)", 0)
-    practice_per_problem: int = opt(0, "random lines of play per problem, loss on the results only (arithmetic)", 0)
     model_only: bool = opt(False, "no environment: the model writes each step's result and gets no verdict")
-    no_env_loss: bool = opt(False, "no SFT loss on the tokens the environment writes (they teach arithmetic)")
     eval_every: int = opt(200, "steps between held-out evaluations while pretraining (0: never)", 0)
     # stage 2: backtracking warm-start
     warm_problems: int = opt(100_000, "training problems whose first attempts make warm-start traces (at most all)", 0)
@@ -368,9 +365,8 @@ class Config:
     warm_steps: int = opt(900, "warm-start SFT steps", 0)
     warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
     restart: str = opt("search", "warm-start traces: search (the base model's own distinct attempts up to one that "
-                                 "reaches, misses learned too), best (backtrack to the step whose Monte Carlo restarts "
-                                 "succeed most, the paper's recipe) or scratch (to step 0)",
-                       choices=["search", "best", "scratch"])
+                                 "reaches, misses learned too) or best (backtrack to the step whose Monte Carlo "
+                                 "restarts succeed most, the paper's recipe)", choices=["search", "best"])
     # stage 3: RL
     arms: str = opt("outcome,mrt", "RL arms, comma-separated: outcome (0/1 reward), mrt (+ progress bonus, J from μ), "
                                    "mrt_verdict (J from the verdicts: no μ)")
@@ -454,8 +450,6 @@ def check_config(cfg: Config):
             raise UserError(f"{flag(f.name)} must be >= {low}, got {value}")
     arms = cfg.arms.split(",")
     rules = [  # (broken, what to say)
-        (cfg.practice_per_problem and not cfg.model_only, "--practice-per-problem teaches the results, which the "
-                                                          "environment writes: use it with --model-only"),
         *[(getattr(cfg, n) <= 0, f"{flag(n)} must be > 0, got {getattr(cfg, n)}") for n in ("lr", "warm_lr", "rl_lr")],
         (cfg.cut_prob > 1, f"--cut-prob must be in [0, 1], got {cfg.cut_prob}"),
         (cfg.value_streams > cfg.eval_streams, f"--value-streams ({cfg.value_streams}) must not exceed --eval-streams "
@@ -537,7 +531,7 @@ DEFAULTS = {f.name: f.default for f in fields(Config)}
 STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
     "base": ["task", "n_numbers", "max_number", "max_target", "n_train", "n_test", "n_layer", "n_head", "n_embd",
              "block_size", "seed", "base_steps", "batch_size", "lr", "solutions_per_problem", "cut_prob",
-             "practice_per_problem", "model_only", "no_env_loss"],
+             "model_only"],
     "warm": ["warm_problems", "warm_traces", "warm_rollouts", "warm_steps", "warm_lr", "train_room", "restart"],
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
     "mrt": ["alpha", "mc_rollouts"], "mrt_verdict": ["alpha"],
