@@ -40,7 +40,8 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         prompts, completions = mrt.sample_completions(model, task, problems, longest, gen, samples=m,
                                                       max_rows=meta.max_rows)  # as many rows a call as μ
         rows = [(p, i) for p in range(P) for i in range(v)]  # the streams μ runs on
-        v_problems, v_prompts = [problems[p] for p, _ in rows], [prompts[p] for p, _ in rows]
+        v_problems = [problems[p] for p, _ in rows]
+        v_prompts = [prompts[p] for p, _ in rows]
         v_completions = [completions[p * m + i] for p, i in rows]
         episodes = [mrt.split_episodes(mrt.split_completion(c)[0]) for c in v_completions]
         values = mrt.episode_values(meta, v_problems, v_prompts, episodes, cfg.eval_rollouts, cfg.max_episodes)
@@ -161,7 +162,8 @@ def state_values(meta_prover, task, problems, prompts, completions, n_rollouts=1
     """[1[alive], J(μ | x, thinking through the step)] after each step line inside an attempt of each stream (see
     `step_ends`): can μ, forced to answer there, tell a state from which the target is reachable from a dead one,
     with no verdict to read? One call to μ."""
-    owners, contexts = [], []
+    owners = []  # (stream, 1[alive]) of each context
+    contexts = []
     for i, (problem, prompt, completion) in enumerate(zip(problems, prompts, completions)):
         thinking = mrt.split_completion(completion)[0]
         for end, alive in step_ends(task, problem, thinking):
@@ -209,8 +211,10 @@ def score_stream(task, problem, completion) -> dict:
     """What one sampled stream did: right or not, its first attempt and the tokens up to its verdict (what a restart
     costs), its length, whether it answered, and each later attempt the environment checked (n−1 whole lines; a line
     the room cut short is not one): [its index j, right, 1[z_j repeats an earlier attempt of the stream]]."""
-    thinking, text = mrt.split_completion(completion)[0], tasks.decode(completion)
-    episodes, whole_lines = mrt.split_episodes(thinking), mrt.budget_cut(thinking, len(thinking))
+    thinking = mrt.split_completion(completion)[0]
+    text = tasks.decode(completion)
+    episodes = mrt.split_episodes(thinking)
+    whole_lines = mrt.budget_cut(thinking, len(thinking))
     attempts = [task.checked(a) for a in tasks.parse_output(tasks.decode(whole_lines)).attempts]
     last_step = tasks.parse_step(attempts[0][-1]) if attempts[0] else None
     keys = [tasks.answer_key(task, a) for a in attempts]
@@ -477,7 +481,8 @@ def print_progress(results: dict):
     print(f"{'':<13}{'per stream':>11}{'keep':>7}{'alive':>7}{'inside: alive':>15}{'J alive':>9}{'J dead':>8}"
           f"{'keeps 0':>10}{'alive':>8}{'dead':>8}")
     for name, b in results["backtracks"].items():
-        s, bonus = results["step_states"][name], results["progress_bonus"][name]
+        s = results["step_states"][name]
+        bonus = results["progress_bonus"][name]
         print(f"{name:<13}{b['per_stream']:>11.2f}{show(b['keep_a_step']['mean'], '.0%'):>7}"
               f"{show(b['kept_alive']['mean'], '.0%'):>7}{show(s['alive']['mean'], '.0%'):>15}"
               f"{show(s['J after an alive state']['mean']):>9}{show(s['J after a dead state']['mean']):>8}"
@@ -493,7 +498,8 @@ def print_search(results: dict):
           f"{'repeat':>9}")
     for name, a in results["later_attempts"].items():
         b = results["progress_bonus"][name]
-        new, repeat = b["later missed, new"], b["later missed, repeat"]
+        new = b["later missed, new"]
+        repeat = b["later missed, repeat"]
         print(f"{name:<13}{a['per_stream']:>11.2f}{show(a['success']):>8}{show(a['base_first_attempt']):>10}"
               f"{show(a['repeats'], '.1%'):>9}{a['never_answer']:>11.1%}{show(new['mean'], '+.3f'):>11}"
               f"{show(repeat['mean'], '+.3f'):>9}")

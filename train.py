@@ -229,7 +229,8 @@ def run(cfg: Config) -> dict:
     earlier = evaluation.stage_seconds(log_path)  # stages trained by earlier runs here (loaded now) keep their times
     log, timings = open_log(log_path), {}  # only now: a bad option creates nothing
     log(stage="start", time=time.strftime("%Y-%m-%d %H:%M:%S"), config=asdict(cfg))
-    print(f"{task}: {len(train)} train / {len(test)} test problems, device {device}, out-dir {cfg.out_dir}")
+    print(f"{task}: {len(train)} train / {len(test)} test problems")
+    print(f"device {device}, out-dir {cfg.out_dir}")
 
     def stage(name, key, steps, train_stage, *args):
         """A finished stage's model, loaded; else train_stage(*args, checkpoint) trains it (resuming if interrupted)."""
