@@ -473,6 +473,21 @@ def print_versus_restarts(results: dict):
               + "".join(f"{cell(v['budget_accuracy'], i, interval=False):<10}" for i in shown))
 
 
+def print_search(results: dict):
+    """What the search does after z_0, and what μ's progress bonus pays a missed later attempt."""
+    print("\nlater attempts (z_1 on): per stream, how often one reaches, the base model's z_0 on the same problems;")
+    print("repeats of an earlier attempt; streams with no answer; μ's mean progress bonus of a missed new / repeat")
+    print(f"{'':<13}{'per stream':>11}{'reach':>8}{'base z_0':>10}{'repeats':>9}{'no answer':>11}{'new miss':>11}"
+          f"{'repeat':>9}")
+    for name, a in results["later_attempts"].items():
+        b = results["progress_bonus"][name]
+        new = b["later missed, new"]
+        repeat = b["later missed, repeat"]
+        print(f"{name:<13}{a['per_stream']:>11.2f}{show(a['success']):>8}{show(a['base_first_attempt']):>10}"
+              f"{show(a['repeats'], '.1%'):>9}{a['never_answer']:>11.1%}{show(new['mean'], '+.3f'):>11}"
+              f"{show(repeat['mean'], '+.3f'):>9}")
+
+
 def print_progress(results: dict):
     """What a backtrack keeps, and whether μ's J and bonus tell an alive state (target still reachable) from a dead."""
     print("\nbacktracks: per stream, share that keep a step, share of kept states alive; states inside an attempt:")
@@ -488,21 +503,6 @@ def print_progress(results: dict):
               f"{show(s['J after an alive state']['mean']):>9}{show(s['J after a dead state']['mean']):>8}"
               + "".join(f"{show(bonus[k]['mean'], '+.3f'):>{w}}" for k, w in
                         (("keeps no step", 10), ("keeps an alive state", 8), ("keeps a dead state", 8))))
-
-
-def print_search(results: dict):
-    """What the search does after z_0, and what μ's progress bonus pays a missed later attempt."""
-    print("\nlater attempts (z_1 on): per stream, how often one reaches, the base model's z_0 on the same problems;")
-    print("repeats of an earlier attempt; streams with no answer; μ's mean progress bonus of a missed new / repeat")
-    print(f"{'':<13}{'per stream':>11}{'reach':>8}{'base z_0':>10}{'repeats':>9}{'no answer':>11}{'new miss':>11}"
-          f"{'repeat':>9}")
-    for name, a in results["later_attempts"].items():
-        b = results["progress_bonus"][name]
-        new = b["later missed, new"]
-        repeat = b["later missed, repeat"]
-        print(f"{name:<13}{a['per_stream']:>11.2f}{show(a['success']):>8}{show(a['base_first_attempt']):>10}"
-              f"{show(a['repeats'], '.1%'):>9}{a['never_answer']:>11.1%}{show(new['mean'], '+.3f'):>11}"
-              f"{show(repeat['mean'], '+.3f'):>9}")
 
 
 def plot(results: dict, out_dir: str):
