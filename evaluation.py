@@ -190,10 +190,15 @@ def bonus_measures(evals: list[dict], seed: int = 0) -> dict:
              "keeps no step": later & (kept == NO_STEP), "keeps an alive state": later & (kept == ALIVE),
              "keeps a dead state": later & (kept == DEAD)}
     corr = float(np.corrcoef(bonus, reached)[0, 1]) if len(rows) > 1 and bonus.std() and reached.std() else None
-    P = len(evals[0]["episode_bonuses"])
-    per_problem = lambda p, x: np.bincount(p.astype(int), x, minlength=P)  # (P,) sums
-    mean = lambda p, x: {"n": len(x), **ratio_interval(per_problem(p, x), per_problem(p, np.ones_like(x)), seed)}
+    mean = lambda p, x: {"n": len(x), **pooled_mean(p, x, len(evals[0]["episode_bonuses"]), seed)}
     return {"corr_with_reached": corr, **{k: mean(problem[w], bonus[w]) for k, w in kinds.items()}}
+
+
+def pooled_mean(problem: np.ndarray, x: np.ndarray, n_problems: int, seed: int = 0) -> dict:
+    """The mean of items x, item i belonging to test problem problem[i], pooled over problems (`ratio_interval`)."""
+    sums = np.bincount(problem.astype(int), x, minlength=n_problems)
+    counts = np.bincount(problem.astype(int), minlength=n_problems)
+    return ratio_interval(sums, counts, seed)
 
 
 def ratio_interval(sums: np.ndarray, counts: np.ndarray, seed: int = 0, n_boot: int = 2000) -> dict:
@@ -355,10 +360,10 @@ def step_state_measures(evals: list[dict], seed: int = 0) -> dict:
     rows = np.array([[p, *r] for e in evals for p, rs in enumerate(e["step_states"]) for r in rs],
                     dtype=float).reshape(-1, 3)
     problem, alive, J = rows.T
-    per_problem = lambda x: np.bincount(problem.astype(int), x, minlength=len(evals[0]["step_states"]))
-    return {"alive": ratio_interval(per_problem(alive), per_problem(np.ones_like(alive)), seed),
-            "J after an alive state": ratio_interval(per_problem(J * alive), per_problem(alive), seed),
-            "J after a dead state": ratio_interval(per_problem(J * (1 - alive)), per_problem(1 - alive), seed)}
+    P = len(evals[0]["step_states"])
+    return {"alive": pooled_mean(problem, alive, P, seed),
+            "J after an alive state": pooled_mean(problem[alive == 1], J[alive == 1], P, seed),
+            "J after a dead state": pooled_mean(problem[alive == 0], J[alive == 0], P, seed)}
 
 
 def pooled_rate(evals: list[dict], key: str) -> float:
