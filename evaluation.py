@@ -456,8 +456,8 @@ def print_models(results: dict, cfg):
 def print_paired(results: dict, cfg):
     """The paired differences a − b (seed s against seed s, problem by problem): * where the interval excludes 0."""
     K = cfg.max_episodes
-    print(f"\n{'paired difference':<22}{'accuracy':<25}{'first attempt':<25}{'thinking tokens':<19}{f'regret Δ_{K}':<22}"
-          + ("seeds > 0" if cfg.rl_seeds > 1 else ""))
+    print(f"\n{'paired difference':<22}{'accuracy':<25}{'first attempt':<25}{'thinking tokens':<19}"
+          f"{f'regret Δ_{K}':<22}" + ("seeds > 0" if cfg.rl_seeds > 1 else ""))
     for pair, d in results["paired"].items():
         gaps = d["accuracy_per_seed"]
         by_seed = f"{sum(g > 0 for g in gaps)}/{len(gaps)}" if len(gaps) > 1 else ""
