@@ -44,8 +44,9 @@ def matmul_peak(device) -> float:
     return 2 * n ** 3 / timed(lambda: a @ b, 5, device)
 
 
-def training_step(cfg, device):
-    """One SFT step at the preset's model size and batch on real data, as a closure; also the model and batch."""
+def bench_training(cfg, device, peak) -> dict:
+    """tokens/s and model FLOP utilisation (6·N·tokens/s ÷ peak) of one SFT step at the preset's model size and batch,
+    on real data."""
     task = train.make_task(cfg)
     problems = tasks.make_split(task, 512, 1, cfg.seed)[0]
     examples = tasks.base_examples(task, problems, cfg.solutions_per_problem, cfg.cut_prob, random.Random(0))
@@ -58,27 +59,10 @@ def training_step(cfg, device):
         with autocast(device):
             _, loss = model(x, y)
         train.optimizer_step(model, optimizer, loss)
-    return step, model, x
-
-
-def bench_training(cfg, device, peak) -> dict:
-    """tokens/s and model FLOP utilisation (6·N·tokens/s ÷ peak) of one SFT step at the default size and batch."""
-    step, model, x = training_step(cfg, device)
     seconds, tokens = timed(step, 10, device), x.numel()
     n_params = sum(p.numel() for p in model.blocks.parameters())  # the matmul weights (embeddings are lookups)
     return {"params": model.num_params(), "batch": list(x.shape), "step_s": seconds, "tokens_per_s": tokens / seconds,
             "mfu": 6 * n_params * tokens / seconds / peak}
-
-
-def profile_training(cfg, device, rows=12):
-    """Where a training step's time goes, by operator (torch.profiler): what bounds the MFU figure."""
-    step = training_step(cfg, device)[0]
-    step()
-    with torch.profiler.profile() as prof:
-        for _ in range(3):
-            step()
-    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # where the time is spent
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows))
 
 
 def bench_sampling(cfg, device, model, batch=128, new_tokens=48) -> dict:
@@ -171,7 +155,6 @@ def main(argv=None):
     parser.add_argument("--preset", default="cpu", choices=list(train.PRESETS),
                         help="model sizes, task and --out-dir of this train.py preset (default: cpu)")
     parser.add_argument("--out-dir", help="the train.py run to read (default: the preset's --out-dir)")
-    parser.add_argument("--profile", action="store_true", help="only print a profile of one training step")
     args = parser.parse_args(argv)
     out_dir = ["--out-dir", args.out_dir] if args.out_dir else []
     cfg = train.parse_args(["--preset", args.preset, "--device", args.device, *out_dir])
@@ -181,8 +164,6 @@ def main(argv=None):
     except train.UserError as e:
         train.fail(f"error: {e}")
     torch.manual_seed(0)
-    if args.profile:
-        return profile_training(cfg, device)
     peak = matmul_peak(device)
     results = {"device": str(device), "machine": evaluation.machine(device), "threads": torch.get_num_threads(),
                "preset": args.preset, "matmul_peak_gflops": peak / 1e9,

@@ -195,7 +195,7 @@ class Generation:
     lengths: torch.Tensor  # (B,) tokens up to and including the stop token
 
 
-def sample_next(logits, temperature: float, top_k, banned, generator):
+def sample_next(logits, temperature: float, banned, generator):
     """Draw one token per row from (B, V) logits, never an id that `banned` (V,) marks; returns the ids and their
     log-probs."""
     logits = logits.float().masked_fill(banned, float("-inf"))
@@ -203,9 +203,6 @@ def sample_next(logits, temperature: float, top_k, banned, generator):
         tok = logits.argmax(-1)
         return tok, torch.gather(F.log_softmax(logits, -1), 1, tok[:, None]).squeeze(1)
     logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
     logp = F.log_softmax(logits, -1)
     tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
     return tok, torch.gather(logp, 1, tok[:, None]).squeeze(1)
@@ -221,7 +218,7 @@ def padded_causal_mask(valid):
 
 @torch.no_grad()
 def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_id: int, temperature=1.0,
-             top_k=None, forbid=(), generator=None, use_cache=True, samples=1, env=None) -> Generation:
+             forbid=(), generator=None, use_cache=True, samples=1, env=None) -> Generation:
     """Sample `samples` completions of every prompt (lists of ids) at once, stopping each row at `stop_id`.
 
     Rows come prompt by prompt: the samples of prompt i are rows i*samples .. (i+1)*samples - 1.
@@ -254,7 +251,7 @@ def generate(model: GPT, prompts: list, max_new_tokens: int, stop_id: int, pad_i
     # The ids never drawn, as a mask on the device made once (a list of ids as an index is copied at every token).
     banned = torch.tensor([v in (*forbid, pad_id) for v in range(model.config.vocab_size)], device=device)
     for t in range(max_new_tokens):
-        tok, lp = sample_next(logits, temperature, top_k, banned, generator)
+        tok, lp = sample_next(logits, temperature, banned, generator)
         tok, lp = hook.write(t, tok, lp) if hook else (tok, lp)
         tok = tok.masked_fill(finished, pad_id)
         tokens.append(tok)

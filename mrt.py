@@ -17,20 +17,35 @@ from model import completion_logprobs, generate, rows_that_fit
 
 
 # ----------------------------------------------------------------------------- episodes
-def split_episodes(thinking: list[int]) -> list[list[int]]:
-    """Cut a thinking stream z into episodes [z_0, z_1, ...] just before each <|backtrack|>.
-
-    z_0 is the first attempt; each later episode is a backtrack line (<|backtrack|> and the step it returns to) and
-    the attempt that follows it. Cutting before the backtrack, not after it, leaves no boundary at which μ would
-    have to answer right after a backtrack line, which it never learned to do. Concatenating the episodes gives back
-    the stream exactly; empty episodes are dropped.
-    """
+def split_episodes(thinking: list[int], at_steps: bool = False) -> list[list[int]]:
+    """Cut a thinking stream z into episodes [z_0, z_1, ...] just before each <|backtrack|>: z_0 is the first attempt,
+    each later one a backtrack line (<|backtrack|> and the step it returns to) and the attempt after it. With
+    `at_steps`, also just after each step line that no verdict follows, so that μ judges the state each step leaves,
+    not only the verdict. Cutting before a backtrack, not after it, leaves no boundary at which μ would have to answer
+    right after a backtrack line, which it never learned to do. The episodes concatenate to the stream; empty ones
+    are dropped."""
+    cuts = {i for i, tok in enumerate(thinking) if tok == tasks.BACKTRACK_ID}
+    if at_steps:
+        cuts |= unfinished_step_ends(thinking)
     episodes = [[]]
-    for tok in thinking:
-        if tok == tasks.BACKTRACK_ID:
+    for i, tok in enumerate(thinking):
+        if i in cuts:
             episodes.append([])
         episodes[-1].append(tok)
     return [e for e in episodes if e]
+
+
+def unfinished_step_ends(thinking: list[int]) -> set[int]:
+    """The positions just after each step line that no verdict follows (a backtrack line is not a step)."""
+    ends = set()
+    line_start = 0
+    for i, tok in enumerate(thinking):
+        if tok == tasks.NEWLINE_ID and thinking[line_start] != tasks.BACKTRACK_ID and \
+                i + 1 < len(thinking) and thinking[i + 1] not in tasks.VERDICT_IDS:
+            ends.add(i + 1)
+        if tok == tasks.NEWLINE_ID or tok in tasks.VERDICT_IDS:
+            line_start = i + 1
+    return ends
 
 
 def split_completion(completion: list[int]):
@@ -88,10 +103,8 @@ def sample_completions(model, task, problems, max_new_tokens: int, generator=Non
 
 # ----------------------------------------------------------------------------- the meta-prover μ and J
 def forced_answer_context(prompt: list[int], episodes: list[list[int]], j: int) -> list[int]:
-    """The input of μ after j episodes: x, z_{0:j-1}, then <|answer|> (the model must answer now).
-
-    μ answers from complete lines and never right after a backtrack line (`budget_cut`), as under a token budget:
-    this trims a stream cut by the room, or an episode abandoned mid-line; it keeps every other prefix as it is."""
+    """The input of μ after j episodes: x, z_{0:j-1} trimmed as under a token budget (`budget_cut`), then <|answer|>
+    (the model must answer now)."""
     thinking = [t for e in episodes[:j] for t in e]
     return prompt + budget_cut(thinking, len(thinking)) + [tasks.ANSWER_ID]
 
@@ -123,11 +136,8 @@ def score_answers(task, problems, answers: list[list[int]]) -> list[int]:
 
 
 def estimate_success(meta_prover, problems: list, contexts: list[list[int]], n_rollouts: int) -> list[float]:
-    """Monte Carlo J(μ | x, z_{0:j}) ≈ (1/n) Σ_i r(x, μ-rollout_i) for every (problem, context) pair.
-
-    Identical pairs are estimated once, and all rollouts of all contexts go to μ as one batch (the n rollouts of one
-    context share its prefill in the KV cache), shortest contexts first.
-    """
+    """Monte Carlo J(μ | x, z_{0:j}) ≈ (1/n) Σ_i r(x, μ-rollout_i) for every (problem, context) pair, in one call to
+    μ (the n rollouts of a context share its prefill in the KV cache)."""
     unique = {(p, tuple(c)): (p, c) for p, c in zip(problems, contexts)}  # each identical pair once
     pairs = sorted(unique.values(), key=lambda pair: len(pair[1]))  # shortest first: a batch pads to its longest
     rewards = meta_prover([p for p, _ in pairs], [c for _, c in pairs], n_rollouts)  # n per pair, in order
@@ -227,15 +237,14 @@ class Batch:
 
 
 def rollouts(model, task, problems, cfg, arm: str, gen, meta_gen) -> Batch:
-    """The rollouts of one RL step and their credit: cfg.rl_group whole streams per problem (`problems` holds each
-    problem rl_group times in a row), each at most cfg.train_room tokens, every token credited with the outcome
-    advantage; the MRT arms add to each token α times its own episode's progress bonus. The policy samples with
-    `gen` and μ with `meta_gen`: μ's draws never shift the policy's, so every arm samples the same streams."""
+    """The rollouts of one RL step and their credit (`token_advantages`): cfg.rl_group whole streams per problem
+    (`problems` holds each problem rl_group times in a row), each at most cfg.train_room tokens, cut into episodes by
+    --episodes. The policy samples with `gen` and μ with `meta_gen`: μ's draws never shift the policy's."""
     prompts, completions = sample_completions(model, task, problems, cfg.train_room, gen)
     rewards = torch.tensor([float(tasks.verify(task, p, tasks.decode(c))) for p, c in zip(problems, completions)])
     advantages = group_advantages(rewards.view(-1, cfg.rl_group)).flatten()
     thinking = [split_completion(c)[0] for c in completions]
-    episodes = [split_episodes(t) for t in thinking]
+    episodes = [split_episodes(t, at_steps=cfg.episodes == "step") for t in thinking]
     if ARMS[arm] == "mu":
         J_values = episode_values(MetaProver(model, task, generator=meta_gen), problems, prompts, episodes,
                                   cfg.mc_rollouts)
@@ -317,13 +326,11 @@ def other_solutions(task, problem, attempt, k) -> list[list[str]]:
 
 
 def make_trace(task, problem, attempt, rates: dict, rollouts: dict, rng, misses=None) -> tasks.Trace:
-    """Backtrack to the step with the highest restart success rate (ties: keep more), then attempt anew.
-
-    `rates[k]` is the Monte Carlo success rate of restarting after z_0's first k steps; `rollouts[k]` lists the
-    step lists of the base model's successful restarts, `misses[k]` those of its whole restarts that missed. The
-    solving attempt is one of the successful restarts that leaves z_0 at step k, or else a solver's solution that
-    does; where a restart from k missed, half the traces first retry with it and backtrack again, so that the model
-    also learns what to do after a second miss."""
+    """Backtrack to the step with the highest restart success rate (ties: keep more), then attempt anew. `rates[k]`
+    is the Monte Carlo success rate of restarting after z_0's first k steps; `rollouts[k]` lists the step lists of
+    the base model's successful restarts, `misses[k]` those of its whole restarts that missed. The solving attempt is
+    one of the successful restarts that leaves z_0 at step k, or else a solver's solution that does; where a restart
+    from k missed, half the traces first retry with it and backtrack again (what to do after a second miss)."""
     keep = max(rates, key=lambda k: (rates[k], k))
     good = [s[keep:] for s in rollouts.get(keep, []) if keep >= len(attempt) or s[keep] != attempt[keep]]
     new_steps = good[0] if good else rng.choice(other_solutions(task, problem, attempt, keep))[keep:]

@@ -295,6 +295,17 @@ def test_split_episodes_on_hand_written_streams():
         assert [t for e in mrt.split_episodes(stream) for t in e] == stream
 
 
+def test_split_episodes_at_steps_cuts_after_each_unfinished_step_line():
+    """By steps: an episode per step line; the line before a verdict keeps it, a backtrack line goes with the next."""
+    z0 = encode("9-7=2\n2*3=6\n" + tasks.MISSED)
+    z1 = encode(BACKTRACK + "1\n2+3=5\n" + tasks.REACHED)
+    z2 = encode(BACKTRACK + "0\n9*3=27\n")
+    assert mrt.split_episodes(z0 + z1 + z2, at_steps=True) == [encode("9-7=2\n"), encode("2*3=6\n" + tasks.MISSED),
+                                                              z1, z2]
+    assert mrt.split_episodes(z0 + z1 + z2) == [z0, z1, z2]  # by attempts, as before
+    assert mrt.split_episodes(encode("9-7=2\n2*3="), at_steps=True) == [encode("9-7=2\n"), encode("2*3=")]
+
+
 def test_J_after_a_backtrack_on_a_hand_built_stream():
     """z_0 misses, z_1 = backtrack line + a right attempt. μ is asked to answer after x, after z_0 and after z_{0:1},
     never right after a backtrack line; a μ that copies the last attempt gives J = 0, 0, 1: progress 0, then +1."""
