@@ -518,7 +518,7 @@ def plot(results: dict, out_dir: str):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 6))
     for name, s in results["summary"].items():
         line, = ax1.plot(results["budgets"], s["budget_accuracy"]["mean"], label=f"{name} (μ forced at B)")
         ax1.fill_between(results["budgets"], s["budget_accuracy"]["low"], s["budget_accuracy"]["high"],
@@ -546,7 +546,7 @@ def plot(results: dict, out_dir: str):
                      label=f"{arm}: held-out accuracy (mean over seeds)")
     ax3.set(xlabel="RL step", ylabel="accuracy / reward", title="RL: training reward and held-out accuracy")
     for ax in (ax1, ax2, ax3):
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below the plot: no curve hidden
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "results.png"), dpi=110)

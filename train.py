@@ -1,8 +1,9 @@
 """The whole MRT pipeline in one script: base model -> backtracking warm-start -> RL (outcome vs MRT) -> evaluation.
 
-    python train.py            # the CPU default (3-number Countdown, ~18 min on 2 cores); see --help
-    python train.py --smoke    # tiny sizes, the whole pipeline in seconds
-    python train.py --preset long / gpu   # a warm-start twice as long (~23 min) / 4 numbers, a larger model
+    python train.py                 # the CPU default (3-number Countdown, within 20 min on 2 cores); see --help
+    python train.py --smoke         # tiny sizes, the whole pipeline in seconds
+    python train.py --preset full   # 1.5x the warm-start and 2x the RL steps (18-28 min on 2 cores)
+    python train.py --preset gpu    # 4 numbers, a larger model
 
 Every stage saves a checkpoint in --out-dir; re-running the same command skips finished stages.
 The defaults are the cpu preset's; the other presets change some of them, and explicit flags win.
@@ -190,8 +191,13 @@ def train_rl(warm, task, train, test, cfg, arm, seed, device, log, checkpoint):
     start = checkpoint.resume(model, optimizer, [data, gen, meta_gen])
     bar = tqdm(range(start, cfg.rl_steps), desc=f"rl {arm} seed {seed}", initial=start, total=cfg.rl_steps,
                dynamic_ncols=True)
-    check = lambda step: log(stage="heldout", arm=arm, seed=seed, step=step,
-                             accuracy=heldout_accuracy(model, task, test, cfg, device))
+
+    def check(step):  # the held-out accuracy at the evaluation's room; each check draws the same random numbers
+        with autocast(device):
+            acc = accuracy(model, task, test, task.room(cfg.block_size, test),
+                           torch.Generator(device).manual_seed(cfg.seed + 777), samples=cfg.curve_streams)
+        log(stage="heldout", arm=arm, seed=seed, step=step, accuracy=acc)
+
     for step in bar:
         if cfg.curve_every and step % cfg.curve_every == 0:
             check(step)
@@ -204,14 +210,6 @@ def train_rl(warm, task, train, test, cfg, arm, seed, device, log, checkpoint):
         check(cfg.rl_steps)
     checkpoint.save(cfg.rl_steps, model, optimizer, [data, gen, meta_gen])  # the finished stage
     return model
-
-
-def heldout_accuracy(model, task, problems, cfg, device) -> float:
-    """Share of right streams among --curve-streams sampled streams per test problem, at the evaluation's room.
-    Every check draws the same random numbers (a generator of its own): the curve moves with the model only."""
-    with autocast(device):
-        return accuracy(model, task, problems, task.room(cfg.block_size, problems),
-                        torch.Generator(device).manual_seed(cfg.seed + 777), samples=cfg.curve_streams)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -363,7 +361,7 @@ class Config:
     warm_problems: int = opt(100_000, "training problems whose first attempts make warm-start traces (at most all)", 0)
     warm_traces: int = opt(2, "warm-start traces per problem, each from a fresh draw of first attempts", 1)
     warm_rollouts: int = opt(4, "Monte Carlo restarts per candidate backtrack step (search: 2x first attempts)", 1)
-    warm_steps: int = opt(900, "warm-start SFT steps", 0)
+    warm_steps: int = opt(600, "warm-start SFT steps", 0)
     warm_lr: float = opt(3e-3, "peak learning rate of the warm-start SFT (warmup + cosine)")
     restart: str = opt("search", "warm-start traces: search (the base model's own distinct attempts up to one that "
                                  "reaches, misses learned too) or best (backtrack to the step whose Monte Carlo "
@@ -371,20 +369,23 @@ class Config:
     # stage 3: RL
     arms: str = opt("outcome,mrt", "RL arms, comma-separated: outcome (0/1 reward), mrt (+ progress bonus, J from μ), "
                                    "mrt_verdict (J from the verdicts: no μ)")
-    rl_steps: int = opt(200, "REINFORCE steps per arm", 0)
+    rl_steps: int = opt(100, "REINFORCE steps per arm", 0)
     rl_prompts: int = opt(16, "problems per RL step", 1)
     rl_group: int = opt(8, "samples per problem (the group of the baseline)", 1)
     rl_lr: float = opt(1e-4, "RL learning rate (constant)")
     alpha: float = opt(1.0, "weight α of the progress bonus in the MRT reward", 0)
     mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})", 1)
+    episodes: str = opt("attempt", "where RL cuts a stream into the episodes of the progress bonus: attempt (at each "
+                                   "backtrack) or step (also after each step line inside an attempt)",
+                        choices=["attempt", "step"])
     train_room: int = opt(64, "room of a whole completion (thinking and answer) in warm-start sampling and RL", 1)
     rl_seeds: int = opt(1, "RL seeds (each runs every arm from one warm start, or its own: --warm-per-seed)", 1)
     warm_per_seed: bool = opt(False, "each RL seed starts from its own warm start, drawn with that seed (its traces, "
                                      "its SFT batches), so that the intervals cover the warm start's draw too")
-    curve_every: int = opt(40, "RL steps between held-out accuracy checks, the learning curve (0: none)", 0)
+    curve_every: int = opt(20, "RL steps between held-out accuracy checks, the learning curve (0: none)", 0)
     curve_streams: int = opt(4, "sampled streams per test problem at each learning-curve check", 1)
     # evaluation
-    eval_streams: int = opt(16, "sampled streams per test problem (accuracy, pass@k, restarts, tokens)", 1)
+    eval_streams: int = opt(12, "sampled streams per test problem (accuracy, pass@k, restarts, tokens)", 1)
     value_streams: int = opt(2, "of those, streams per problem that μ scores (J, regret, budget-forced accuracy)", 1)
     eval_rollouts: int = opt(2, "meta-prover rollouts per prefix at evaluation", 1)
     max_episodes: int = opt(5, "episodes K of the J and regret curves", 1)
@@ -393,8 +394,8 @@ class Config:
     seed: int = opt(0, "seed of data, initialisation and sampling")
     device: str = opt("auto", "where to run (auto: cuda, else mps, else cpu)", choices=["auto", "cpu", "cuda", "mps"])
     out_dir: str = opt("out", "where checkpoints, logs and results go (presets but cpu: out/<preset>)")
-    preset: str = opt("cpu", "cpu (default sizes), long (a warm-start twice as long), gpu (4 numbers, larger model) "
-                             "or smoke (tiny, seconds)", choices=["cpu", "long", "gpu", "smoke"])
+    preset: str = opt("cpu", "cpu (default sizes), full (1.5x the warm-start and 2x the RL steps), gpu (4 numbers, "
+                             "larger model) or smoke (tiny, seconds)", choices=["cpu", "full", "gpu", "smoke"])
     smoke: bool = opt(False, "same as --preset smoke")
     fresh: bool = opt(False, "ignore existing checkpoints in --out-dir and run every stage again")
     snapshot_every: int = opt(50, "steps between a stage's checkpoints, from which an interrupted stage resumes", 1)
@@ -404,10 +405,10 @@ class Config:
 
 
 PRESETS = {
-    "cpu": {}, "long": dict(warm_steps=1800, out_dir="out/long"),
+    "cpu": {}, "full": dict(warm_steps=900, rl_steps=200, curve_every=40, eval_streams=16, out_dir="out/full"),
     "gpu": dict(n_numbers=4, n_layer=6, n_head=6, n_embd=384, block_size=192, base_steps=4000, batch_size=256,
-                warm_problems=4096, rl_steps=200, rl_prompts=32, train_room=128, n_test=1000, lr=1e-3,
-                out_dir="out/gpu"),
+                warm_problems=4096, warm_steps=900, rl_steps=200, rl_prompts=32, train_room=128, curve_every=40,
+                n_test=1000, eval_streams=16, lr=1e-3, out_dir="out/gpu"),
     "smoke": dict(n_train=1000, n_layer=1, n_head=2, n_embd=32, n_test=32, base_steps=30, eval_every=15, batch_size=32,
                   warm_problems=32, warm_rollouts=2, warm_steps=10, rl_steps=2, rl_prompts=4, rl_group=4,
                   mc_rollouts=2, rl_seeds=1, arms="outcome,mrt,mrt_verdict", eval_streams=4, value_streams=2,
@@ -535,7 +536,7 @@ STAGE_FIELDS = {  # the options each stage adds to those of the stages before it
              "model_only"],
     "warm": ["warm_problems", "warm_traces", "warm_rollouts", "warm_steps", "warm_lr", "train_room", "restart"],
     "outcome": ["rl_steps", "rl_prompts", "rl_group", "rl_lr"],  # what every RL arm depends on
-    "mrt": ["alpha", "mc_rollouts"], "mrt_verdict": ["alpha"],
+    "mrt": ["alpha", "mc_rollouts", "episodes"], "mrt_verdict": ["alpha", "episodes"],
 }
 
 
