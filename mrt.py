@@ -36,10 +36,13 @@ def split_episodes(thinking: list[int], at_steps: bool = False) -> list[list[int
 
 
 def unfinished_step_ends(thinking: list[int]) -> set[int]:
-    """The positions just after each step line that no verdict follows (a backtrack line is not a step)."""
+    """The positions just after each step line that no verdict follows (a backtrack line is not a step; a backtrack
+    written mid-line starts a backtrack line there, as `split_episodes` cuts there)."""
     ends = set()
     line_start = 0
     for i, tok in enumerate(thinking):
+        if tok == tasks.BACKTRACK_ID:
+            line_start = i
         if tok == tasks.NEWLINE_ID and thinking[line_start] != tasks.BACKTRACK_ID and \
                 i + 1 < len(thinking) and thinking[i + 1] not in tasks.VERDICT_IDS:
             ends.add(i + 1)

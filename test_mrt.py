@@ -304,6 +304,9 @@ def test_split_episodes_at_steps_cuts_after_each_unfinished_step_line():
                                                               z1, z2]
     assert mrt.split_episodes(z0 + z1 + z2) == [z0, z1, z2]  # by attempts, as before
     assert mrt.split_episodes(encode("9-7=2\n2*3="), at_steps=True) == [encode("9-7=2\n"), encode("2*3=")]
+    retry = encode("9-" + BACKTRACK + "0\n9*3=27\n27-7=20\n" + tasks.REACHED)  # a backtrack mid-line, two steps
+    assert mrt.split_episodes(retry, at_steps=True) == [encode("9-"), encode(BACKTRACK + "0\n9*3=27\n"),
+                                                        encode("27-7=20\n" + tasks.REACHED)]
 
 
 def test_J_after_a_backtrack_on_a_hand_built_stream():
