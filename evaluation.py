@@ -91,7 +91,7 @@ def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, 
             if not answer or len(thinking) > budget:
                 slots.append((i, b))
                 ctx_p.append(p)
-                ctx_c.append(prompt + mrt.budget_cut(thinking, budget) + [tasks.ANSWER_ID])
+                ctx_c.append(mrt.forced_answer_context(prompt, thinking[:budget]))
     for (i, b), value in zip(slots, mrt.estimate_success(meta_prover, ctx_p, ctx_c, n_rollouts)):
         out[i][b] = value
     return out

@@ -17,38 +17,24 @@ from model import completion_logprobs, generate, rows_that_fit
 
 
 # ----------------------------------------------------------------------------- episodes
-def split_episodes(thinking: list[int], at_steps: bool = False) -> list[list[int]]:
-    """Cut a thinking stream z into episodes [z_0, z_1, ...] just before each <|backtrack|>: z_0 is the first attempt,
-    each later one a backtrack line (<|backtrack|> and the step it returns to) and the attempt after it. With
-    `at_steps`, also just after each step line that no verdict follows, so that μ judges the state each step leaves,
-    not only the verdict. Cutting before a backtrack, not after it, leaves no boundary at which μ would have to answer
-    right after a backtrack line, which it never learned to do. The episodes concatenate to the stream; empty ones
-    are dropped."""
-    cuts = {i for i, tok in enumerate(thinking) if tok == tasks.BACKTRACK_ID}
-    if at_steps:
-        cuts |= unfinished_step_ends(thinking)
-    episodes = [[]]
-    for i, tok in enumerate(thinking):
-        if i in cuts:
-            episodes.append([])
+def split_episodes(thinking: list[int], by: str = "attempt") -> list[list[int]]:
+    """Cut a thinking stream z into episodes [z_0, z_1, ...]; they concatenate to the stream (empty ones dropped).
+
+    By "attempt": just before each <|backtrack|>, so z_0 is the first attempt and each later one a backtrack line
+    (<|backtrack|> and the count of steps it keeps) and the attempt after it. μ, reading the history, then never has
+    to answer right after a backtrack line, which it never learned to do.
+    By "state": just after each backtrack line, where the stream stands on the steps it kept. μ then reads that state
+    (`state_context`), so a backtrack that keeps a dead step is charged and one that keeps a good step is paid.
+    """
+    episodes, in_backtrack_line = [[]], False
+    for tok in thinking:
+        if tok == tasks.BACKTRACK_ID and by == "attempt":
+            episodes.append([])  # the backtrack line opens the next episode
         episodes[-1].append(tok)
+        if tok == tasks.NEWLINE_ID and in_backtrack_line and by == "state":
+            episodes.append([])  # the backtrack line closes this episode
+        in_backtrack_line = tok == tasks.BACKTRACK_ID or (in_backtrack_line and tok != tasks.NEWLINE_ID)
     return [e for e in episodes if e]
-
-
-def unfinished_step_ends(thinking: list[int]) -> set[int]:
-    """The positions just after each step line that no verdict follows (a backtrack line is not a step; a backtrack
-    written mid-line starts a backtrack line there, as `split_episodes` cuts there)."""
-    ends = set()
-    line_start = 0
-    for i, tok in enumerate(thinking):
-        if tok == tasks.BACKTRACK_ID:
-            line_start = i
-        if tok == tasks.NEWLINE_ID and thinking[line_start] != tasks.BACKTRACK_ID and \
-                i + 1 < len(thinking) and thinking[i + 1] not in tasks.VERDICT_IDS:
-            ends.add(i + 1)
-        if tok == tasks.NEWLINE_ID or tok in tasks.VERDICT_IDS:
-            line_start = i + 1
-    return ends
 
 
 def split_completion(completion: list[int]):
@@ -58,15 +44,17 @@ def split_completion(completion: list[int]):
     return completion[:cut], completion[cut:]
 
 
+LINE_ENDS = (tasks.NEWLINE_ID, *tasks.VERDICT_IDS)  # a line ends with a newline, or with the environment's verdict
+
+
 def budget_cut(thinking: list[int], budget: int) -> list[int]:
     """The first `budget` thinking tokens, less an unfinished last line, and less a backtrack line at the end: μ
     answers from complete lines, and never right after a backtrack line (see `split_episodes`)."""
-    ends = (tasks.NEWLINE_ID, *tasks.VERDICT_IDS)
     cut = thinking[:budget]
     while True:
-        while cut and cut[-1] not in ends:
+        while cut and cut[-1] not in LINE_ENDS:
             cut.pop()
-        last_line = max((i + 1 for i, t in enumerate(cut[:-1]) if t in ends), default=0)
+        last_line = max((i + 1 for i, t in enumerate(cut[:-1]) if t in LINE_ENDS), default=0)
         if cut[last_line:last_line + 1] != [tasks.BACKTRACK_ID]:
             return cut
         cut = cut[:last_line]  # and look again: backtrack lines may follow one another
@@ -105,11 +93,19 @@ def sample_completions(model, task, problems, max_new_tokens: int, generator=Non
 
 
 # ----------------------------------------------------------------------------- the meta-prover μ and J
-def forced_answer_context(prompt: list[int], episodes: list[list[int]], j: int) -> list[int]:
-    """The input of μ after j episodes: x, z_{0:j-1} trimmed as under a token budget (`budget_cut`), then <|answer|>
-    (the model must answer now)."""
-    thinking = [t for e in episodes[:j] for t in e]
+def forced_answer_context(prompt: list[int], thinking: list[int]) -> list[int]:
+    """The input of μ after the thinking z_{0:j-1}: x, the thinking trimmed as under a token budget (`budget_cut`),
+    then <|answer|> (the model must answer now)."""
     return prompt + budget_cut(thinking, len(thinking)) + [tasks.ANSWER_ID]
+
+
+def state_context(task, problem, prompt: list[int], thinking: list[int]) -> list[int]:
+    """The input of μ when it reads the state, not the history: x, the steps the stream stands on after `thinking`
+    (its last attempt's complete lines, the steps its backtrack kept included) written as one attempt, then
+    <|answer|>. After a miss and <|backtrack|>k that is the k steps kept, so J says whether they are worth keeping."""
+    whole_lines = thinking[:max((i + 1 for i, t in enumerate(thinking) if t in LINE_ENDS), default=0)]
+    steps = tasks.parse_output(tasks.decode(whole_lines)).attempts[-1]
+    return prompt + tasks.encode(tasks.attempt_text(task, problem, steps)) + [tasks.ANSWER_ID]
 
 
 @dataclass
@@ -150,18 +146,26 @@ def estimate_success(meta_prover, problems: list, contexts: list[list[int]], n_r
     return [J_estimates[(p, tuple(c))] for p, c in zip(problems, contexts)]
 
 
-def episode_values(meta_prover, problems, prompts, episode_lists, n_rollouts, max_episodes=None) -> list[list[float]]:
-    """[J(μ | x), J(μ | x, z_0), J(μ | x, z_{0:1}), ...] for each stream, up to `max_episodes` episodes.
+def episode_values(meta_prover, problems, prompts, episode_lists, n_rollouts, max_episodes=None,
+                   reads_state=False) -> list[list[float]]:
+    """[J(μ | x), J(μ | x, z_0), J(μ | x, z_{0:1}), ...] for each stream, up to `max_episodes` episodes; μ reads the
+    whole history (`forced_answer_context`) or, with `reads_state`, the state it leaves (`state_context`).
 
     Past the end of a stream its value stays at the full stream's value (the model stopped thinking).
     """
+    def context(problem, prompt, episodes):  # μ's input after `episodes`
+        thinking = [t for e in episodes for t in e]
+        return state_context(meta_prover.task, problem, prompt, thinking) if reads_state else \
+            forced_answer_context(prompt, thinking)
+
     if max_episodes is None:
         n_episodes = [len(episodes) for episodes in episode_lists]  # k per stream
     else:
         n_episodes = [max_episodes] * len(episode_lists)
     forced_problems = [p for p, k in zip(problems, n_episodes) for _ in range(k + 1)]
-    forced_contexts = [forced_answer_context(prompt, episodes, min(j, len(episodes)))  # μ's input after j episodes
-                       for prompt, episodes, k in zip(prompts, episode_lists, n_episodes) for j in range(k + 1)]
+    forced_contexts = [context(p, prompt, episodes[:j])  # μ's input after j episodes
+                       for p, prompt, episodes, k in zip(problems, prompts, episode_lists, n_episodes)
+                       for j in range(k + 1)]
     J_estimates = iter(estimate_success(meta_prover, forced_problems, forced_contexts, n_rollouts))
     return [[next(J_estimates) for _ in range(k + 1)] for k in n_episodes]  # k + 1 per stream, in turn
 
@@ -247,10 +251,10 @@ def rollouts(model, task, problems, cfg, arm: str, gen, meta_gen) -> Batch:
     rewards = torch.tensor([float(tasks.verify(task, p, tasks.decode(c))) for p, c in zip(problems, completions)])
     advantages = group_advantages(rewards.view(-1, cfg.rl_group)).flatten()
     thinking = [split_completion(c)[0] for c in completions]
-    episodes = [split_episodes(t, at_steps=cfg.episodes == "step") for t in thinking]
+    episodes = [split_episodes(t, cfg.episodes) for t in thinking]
     if ARMS[arm] == "mu":
         J_values = episode_values(MetaProver(model, task, generator=meta_gen), problems, prompts, episodes,
-                                  cfg.mc_rollouts)
+                                  cfg.mc_rollouts, reads_state=cfg.episodes == "state")
     elif ARMS[arm] == "verdict":
         J_values = [verdict_values(e) for e in episodes]
     else:  # outcome RL: no J, every bonus is 0

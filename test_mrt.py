@@ -295,18 +295,41 @@ def test_split_episodes_on_hand_written_streams():
         assert [t for e in mrt.split_episodes(stream) for t in e] == stream
 
 
-def test_split_episodes_at_steps_cuts_after_each_unfinished_step_line():
-    """By steps: an episode per step line; the line before a verdict keeps it, a backtrack line goes with the next."""
-    z0 = encode("9-7=2\n2*3=6\n" + tasks.MISSED)
-    z1 = encode(BACKTRACK + "1\n2+3=5\n" + tasks.REACHED)
-    z2 = encode(BACKTRACK + "0\n9*3=27\n")
-    assert mrt.split_episodes(z0 + z1 + z2, at_steps=True) == [encode("9-7=2\n"), encode("2*3=6\n" + tasks.MISSED),
-                                                              z1, z2]
-    assert mrt.split_episodes(z0 + z1 + z2) == [z0, z1, z2]  # by attempts, as before
-    assert mrt.split_episodes(encode("9-7=2\n2*3="), at_steps=True) == [encode("9-7=2\n"), encode("2*3=")]
-    retry = encode("9-" + BACKTRACK + "0\n9*3=27\n27-7=20\n" + tasks.REACHED)  # a backtrack mid-line, two steps
-    assert mrt.split_episodes(retry, at_steps=True) == [encode("9-"), encode(BACKTRACK + "0\n9*3=27\n"),
-                                                        encode("27-7=20\n" + tasks.REACHED)]
+def test_split_episodes_by_state_cuts_after_each_backtrack_line():
+    """By state: an episode ends just after each backtrack line, so it holds the backtrack that chose what to keep."""
+    z0, z1, z2 = encode("9-7=2\n2*3=6\n" + tasks.MISSED), encode("2+3=5\n" + tasks.MISSED), encode("9*3=27\n")
+    back1, back0 = encode(BACKTRACK + "1\n"), encode(BACKTRACK + "0\n")
+    stream = z0 + back1 + z1 + back0 + z2
+    assert mrt.split_episodes(stream, by="state") == [z0 + back1, z1 + back0, z2]
+    assert mrt.split_episodes(stream) == [z0, back1 + z1, back0 + z2]  # by attempts
+    truncated = z0 + encode(BACKTRACK + "1")
+    assert mrt.split_episodes(truncated, by="state") == [truncated]
+
+
+def test_mu_reading_the_state_charges_a_backtrack_that_keeps_a_dead_step():
+    """μ reading the state answers from the steps a backtrack kept, written as an unfinished attempt. Take a μ that
+    solves from every state the target can still be reached from (J = 1 there, else 0): keeping 9*3=27 (alive) is
+    worth J = 1 and keeping 9-7=2 (dead) J = 0, a bonus of −1. μ reading the history copies the miss: J = 0 in both."""
+    prompt = encode(TASK.prompt(PROBLEM))
+    keep_alive = encode("9*3=27\n27+7=34\n" + tasks.MISSED + BACKTRACK + "1\n27-7=20\n" + tasks.REACHED)
+    keep_dead = encode("9-7=2\n2*3=6\n" + tasks.MISSED + BACKTRACK + "1\n2+3=5\n" + tasks.MISSED)
+    seen = []
+
+    def solving_meta_prover(problems, contexts, n):
+        seen.extend(contexts)
+        steps = [parse_output(decode(c[len(prompt):-1])).attempts[-1] for c in contexts]
+        return [int(evaluation.is_alive(TASK, p, s)) for p, s in zip(problems, steps) for _ in range(n)]
+    solving_meta_prover.task = TASK
+
+    def values(stream, by):
+        return mrt.episode_values(solving_meta_prover, [PROBLEM], [prompt], [mrt.split_episodes(stream, by)], 1,
+                                  reads_state=by == "state")[0]
+    assert values(keep_alive, "state") == [1, 1, 1] and values(keep_dead, "state") == [1, 0, 0]
+    assert seen[-2] == prompt + encode("9-7=2\n") + [tasks.ANSWER_ID]  # the kept step, without the miss
+    assert mrt.progress_bonus(values(keep_dead, "state")) == [-1, 0]
+    assert values(keep_alive, "attempt") == [1, 0, 1] and values(keep_dead, "attempt") == [1, 0, 0]
+    unfinished = mrt.state_context(TASK, PROBLEM, prompt, encode("9*3=27\n27-7="))
+    assert unfinished == prompt + encode("9*3=27\n") + [tasks.ANSWER_ID]  # complete lines only
 
 
 def test_J_after_a_backtrack_on_a_hand_built_stream():
@@ -568,10 +591,10 @@ def coin_rewards(monkeypatch):
     monkeypatch.setattr(tasks, "verify", coin_reward)
 
 
-def rl_batch(arm, alpha=1.0, model=None, seed=0):
+def rl_batch(arm, alpha=1.0, model=None, seed=0, episodes="attempt"):
     """One RL step's rollouts of a tiny model on 2 problems x 4 samples, from fixed generators."""
     model = model or tiny_model(block_size=128)
-    cfg = train.Config(rl_prompts=2, rl_group=4, train_room=40, alpha=alpha, mc_rollouts=2)
+    cfg = train.Config(rl_prompts=2, rl_group=4, train_room=40, alpha=alpha, mc_rollouts=2, episodes=episodes)
     problems = [p for p in tasks.make_split(TASK, 2, 1, seed=0)[0] for _ in range(4)]
     gens = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     return model, cfg, problems, mrt.rollouts(model, TASK, problems, cfg, arm, *gens)
@@ -783,6 +806,15 @@ def test_each_preset_writes_to_its_own_out_dir_and_bench_reads_the_presets_check
     assert err.count("\n") == 1 and f"{tmp_path}/warm.pt was made with --n-numbers 3 " in err and "--preset" in err
     cfg = train.parse_args(["--preset", "smoke"])
     assert bench.load_warm(cfg, torch.device("cpu"))[1] == str(tmp_path / "warm.pt")  # its own preset's: taken
+
+
+def test_rl_by_state_has_mu_read_the_kept_state_and_by_attempt_the_history(coin_rewards, monkeypatch):
+    calls, real = [], mrt.state_context
+    monkeypatch.setattr(mrt, "state_context", lambda *a: calls.append(a) or real(*a))
+    rl_batch("mrt", episodes="attempt")
+    assert calls == []
+    rl_batch("mrt", episodes="state")
+    assert len(calls) >= 8  # at least J(μ | x) of each of the 8 streams
 
 
 def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, coin_rewards, tmp_path):

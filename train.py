@@ -297,11 +297,11 @@ def explain(cfg: Config, rollouts: int = 32):
     with autocast(device):
         prompts, completions = mrt.sample_completions(model, task, [problem], task.room(cfg.block_size, [problem]), gen)
         thinking, answer = mrt.split_completion(completions[0])
-        episodes = mrt.split_episodes(thinking)
+        episodes = mrt.split_episodes(thinking, cfg.episodes)
         values = mrt.episode_values(mrt.MetaProver(model, task, generator=gen), [problem], prompts, [episodes],
-                                    rollouts)[0]
+                                    rollouts, reads_state=cfg.episodes == "state")[0]
     print(f"problem x: {tasks.decode(prompts[0][1:]).strip()}   (model: {path}; J from {rollouts} rollouts of μ)")
-    print("(an episode is an attempt; a backtrack line opens the episode of the attempt after it: see split_episodes)")
+    print(f"(episodes by {cfg.episodes}: see split_episodes)")
     print(f"{'':<6}{'J(μ | x) with no thinking':<46}J = {values[0]:.2f}")
     for j, (episode, bonus) in enumerate(zip(episodes, mrt.progress_bonus(values))):
         text = tasks.decode(episode).replace("\n", " ").strip()
@@ -376,8 +376,9 @@ class Config:
     alpha: float = opt(1.0, "weight α of the progress bonus in the MRT reward", 0)
     mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})", 1)
     episodes: str = opt("attempt", "where RL cuts a stream into the episodes of the progress bonus: attempt (at each "
-                                   "backtrack) or step (also after each step line inside an attempt)",
-                        choices=["attempt", "step"])
+                                   "backtrack; μ reads the history) or state (after each backtrack line; μ reads the "
+                                   "steps it kept)",
+                        choices=["attempt", "state"])
     train_room: int = opt(64, "room of a whole completion (thinking and answer) in warm-start sampling and RL", 1)
     rl_seeds: int = opt(1, "RL seeds (each runs every arm from one warm start, or its own: --warm-per-seed)", 1)
     warm_per_seed: bool = opt(False, "each RL seed starts from its own warm start, drawn with that seed (its traces, "
