@@ -3,7 +3,8 @@
 Notation (the paper's):  x a problem,  z = [z_0, z_1, ..., z_{k-1}] the thinking stream cut into episodes,
 μ the meta-prover (the same model, forced to stop thinking and answer),  c_j = (x, z_{0:j}) the context after
 episodes 0..j,  J(μ | x, z_{0:j}) = J(μ | c_j) μ's success rate from it,  J(π*) a comparator's success rate,
-r(x, z) the 0/1 outcome reward,  α the weight of the progress bonus.
+r(x, z) the 0/1 outcome reward,  α the weight of the progress bonus. With --episodes state, μ reads a summary of c_j,
+not c_j itself: the steps the stream stands on (`state_context`), a departure from the paper's J(μ | c_j).
 Reading order: episodes, sampling, μ and J, progress and regret, advantages and loss, an RL step, warm-start traces.
 """
 import itertools

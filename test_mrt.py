@@ -304,6 +304,8 @@ def test_split_episodes_by_state_cuts_after_each_backtrack_line():
     assert mrt.split_episodes(stream) == [z0, back1 + z1, back0 + z2]  # by attempts
     truncated = z0 + encode(BACKTRACK + "1")
     assert mrt.split_episodes(truncated, by="state") == [truncated]
+    mid_line = encode("9-" + BACKTRACK + "0\n9*3=27\n")  # a backtrack written mid-line ends its episode too
+    assert mrt.split_episodes(mid_line, by="state") == [encode("9-" + BACKTRACK + "0\n"), encode("9*3=27\n")]
 
 
 def test_mu_reading_the_state_charges_a_backtrack_that_keeps_a_dead_step():
@@ -325,7 +327,8 @@ def test_mu_reading_the_state_charges_a_backtrack_that_keeps_a_dead_step():
         return mrt.episode_values(solving_meta_prover, [PROBLEM], [prompt], [mrt.split_episodes(stream, by)], 1,
                                   reads_state=by == "state")[0]
     assert values(keep_alive, "state") == [1, 1, 1] and values(keep_dead, "state") == [1, 0, 0]
-    assert seen[-2] == prompt + encode("9-7=2\n") + [tasks.ANSWER_ID]  # the kept step, without the miss
+    assert prompt + encode("9-7=2\n") + [tasks.ANSWER_ID] in seen  # the kept step, without the miss
+    assert prompt + encode("9*3=27\n27-7=20\n" + tasks.REACHED) + [tasks.ANSWER_ID] in seen  # a whole attempt: verdict
     assert mrt.progress_bonus(values(keep_dead, "state")) == [-1, 0]
     assert values(keep_alive, "attempt") == [1, 0, 1] and values(keep_dead, "attempt") == [1, 0, 0]
     unfinished = mrt.state_context(TASK, PROBLEM, prompt, encode("9*3=27\n27-7="))
@@ -809,12 +812,15 @@ def test_each_preset_writes_to_its_own_out_dir_and_bench_reads_the_presets_check
 
 
 def test_rl_by_state_has_mu_read_the_kept_state_and_by_attempt_the_history(coin_rewards, monkeypatch):
-    calls, real = [], mrt.state_context
-    monkeypatch.setattr(mrt, "state_context", lambda *a: calls.append(a) or real(*a))
+    calls, cuts = [], []
+    real_context, real_split = mrt.state_context, mrt.split_episodes
+    monkeypatch.setattr(mrt, "state_context", lambda *a: calls.append(a) or real_context(*a))
+    monkeypatch.setattr(mrt, "split_episodes", lambda thinking, by="attempt": cuts.append(by) or real_split(thinking, by))
     rl_batch("mrt", episodes="attempt")
-    assert calls == []
+    assert calls == [] and set(cuts) == {"attempt"}
+    cuts.clear()
     rl_batch("mrt", episodes="state")
-    assert len(calls) >= 8  # at least J(μ | x) of each of the 8 streams
+    assert len(calls) >= 8 and set(cuts) == {"state"}  # at least J(μ | x) of each of the 8 streams
 
 
 def test_mrt_with_alpha_zero_is_exactly_outcome_rl(smoke_run, coin_rewards, tmp_path):
