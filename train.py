@@ -395,8 +395,9 @@ class Config:
     seed: int = opt(0, "seed of data, initialisation and sampling")
     device: str = opt("auto", "where to run (auto: cuda, else mps, else cpu)", choices=["auto", "cpu", "cuda", "mps"])
     out_dir: str = opt("out", "where checkpoints, logs and results go (presets but cpu: out/<preset>)")
-    preset: str = opt("cpu", "cpu (default sizes), full (1.5x the warm-start and 2x the RL steps), gpu (4 numbers, "
-                             "larger model) or smoke (tiny, seconds)", choices=["cpu", "full", "gpu", "smoke"])
+    preset: str = opt("cpu", "cpu (default sizes), full (1.5x the warm-start and 2x the RL steps), deep (full on chain "
+                             "at 4 numbers, the paper's warm-start, episodes by state), gpu (4 numbers, larger model) "
+                             "or smoke (tiny, seconds)", choices=["cpu", "full", "deep", "gpu", "smoke"])
     smoke: bool = opt(False, "same as --preset smoke")
     fresh: bool = opt(False, "ignore existing checkpoints in --out-dir and run every stage again")
     snapshot_every: int = opt(50, "steps between a stage's checkpoints, from which an interrupted stage resumes", 1)
@@ -407,6 +408,9 @@ class Config:
 
 PRESETS = {
     "cpu": {}, "full": dict(warm_steps=900, rl_steps=200, curve_every=40, eval_streams=16, out_dir="out/full"),
+    "deep": dict(task="chain", n_numbers=4, block_size=160, restart="best", warm_problems=2600, warm_steps=900,
+                 rl_steps=200, curve_every=40, eval_streams=16, episodes="state", arms="outcome,mrt,mrt_verdict",
+                 out_dir="out/deep"),
     "gpu": dict(n_numbers=4, n_layer=6, n_head=6, n_embd=384, block_size=192, base_steps=4000, batch_size=256,
                 warm_problems=4096, warm_steps=900, rl_steps=200, rl_prompts=32, train_room=128, curve_every=40,
                 n_test=1000, eval_streams=16, lr=1e-3, out_dir="out/gpu"),
