@@ -3,7 +3,7 @@
     python train.py                 # the CPU default (3-number Countdown, within 20 min on 2 cores); see --help
     python train.py --smoke         # tiny sizes, the whole pipeline in seconds
     python train.py --preset full   # 1.5x the warm-start and 2x the RL steps (18-28 min on 2 cores)
-    python train.py --preset deep   # chain at 4 numbers, episodes by state, where μ beats the verdict (40 min)
+    python train.py --preset deep   # chain at 4 numbers, episodes by state, where μ pays (40 min)
     python train.py --preset gpu    # 4 numbers, a larger model
 
 Every stage saves a checkpoint in --out-dir; re-running the same command skips finished stages.
