@@ -407,11 +407,11 @@ class Config:
     problem: str = opt("", "the problem for --explain, e.g. '3 7 9:20' (default: a random test problem)")
 
 
+FULL = dict(warm_steps=900, rl_steps=200, curve_every=40, eval_streams=16)  # --preset full, and deep builds on it
 PRESETS = {
-    "cpu": {}, "full": dict(warm_steps=900, rl_steps=200, curve_every=40, eval_streams=16, out_dir="out/full"),
-    "deep": dict(task="chain", n_numbers=4, block_size=160, restart="best", warm_problems=2600, warm_steps=900,
-                 rl_steps=200, curve_every=40, eval_streams=16, episodes="state", arms="outcome,mrt,mrt_verdict",
-                 out_dir="out/deep"),
+    "cpu": {}, "full": dict(FULL, out_dir="out/full"),
+    "deep": dict(FULL, task="chain", n_numbers=4, block_size=160, restart="best", warm_problems=2600, episodes="state",
+                 arms="outcome,mrt,mrt_verdict", out_dir="out/deep"),
     "gpu": dict(n_numbers=4, n_layer=6, n_head=6, n_embd=384, block_size=192, base_steps=4000, batch_size=256,
                 warm_problems=4096, warm_steps=900, rl_steps=200, rl_prompts=32, train_room=128, curve_every=40,
                 n_test=1000, eval_streams=16, lr=1e-3, out_dir="out/gpu"),
