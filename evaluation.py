@@ -24,7 +24,8 @@ COMPARED = ["accuracy", "first_attempt_accuracy", "thinking_tokens", "regret", "
 # ----------------------------------------------------------------------------- scoring one model
 def evaluate(model, task, problems, cfg, device) -> dict:
     """Sample m = --eval-streams streams per test problem and score them; μ runs on the first --value-streams of each
-    problem's streams (the J curve and budget-forced accuracy cost μ rollouts per prefix and per budget).
+    problem's streams (the J curve and budget-forced accuracy cost μ rollouts per prefix and per budget), cut into
+    episodes as RL cuts them (--episodes), μ reading what it reads there: J and the bonus are those MRT trained on.
 
     The policy draws from one generator and μ from another, both seeded the same for every model: every model's
     streams come from the same random numbers, and μ's draws never shift them. Returns per-problem lists (index p
@@ -43,14 +44,15 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         v_problems = [problems[p] for p, _ in rows]
         v_prompts = [prompts[p] for p, _ in rows]
         v_completions = [completions[p * m + i] for p, i in rows]
-        episodes = [mrt.split_episodes(mrt.split_completion(c)[0]) for c in v_completions]
-        values = mrt.episode_values(meta, v_problems, v_prompts, episodes, cfg.eval_rollouts, cfg.max_episodes)
+        episodes = [mrt.split_episodes(mrt.split_completion(c)[0], cfg.episodes) for c in v_completions]
+        values = mrt.episode_values(meta, v_problems, v_prompts, episodes, cfg.eval_rollouts, cfg.max_episodes,
+                                    reads_state=cfg.episodes == "state")
         forced = budget_accuracy(meta, task, v_problems, v_prompts, v_completions, budgets, cfg.eval_rollouts)
         states = state_values(meta, task, v_problems, v_prompts, v_completions, cfg.eval_rollouts)
     parsed = [score_stream(task, problems[i // m], c) for i, c in enumerate(completions)]
     column = lambda key: np.array([s[key] for s in parsed], dtype=float).reshape(P, m)
     right, first_right, backtracked = column("right"), column("first_right"), column("backtracked")
-    bonus_rows = [episode_bonuses(task, p, eps, J) for p, eps, J in zip(v_problems, episodes, values)]
+    bonus_rows = [episode_bonuses(task, p, eps, J, cfg.episodes) for p, eps, J in zip(v_problems, episodes, values)]
     per_value_stream = lambda rows: np.array(rows).reshape(P, v, -1).mean(1).tolist()
     pooled = lambda flags, among: [int((flags * among).sum()), int(among.sum())]  # [count, out of]
     return {
@@ -97,15 +99,16 @@ def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, 
     return out
 
 
-def episode_bonuses(task, problem, episodes, J) -> list:
+def episode_bonuses(task, problem, episodes, J, by: str = "attempt") -> list:
     """[j, r_prg(z_j), its verdict (1 reached, 0 missed, -1 none: unfinished), 1[z_j repeats an earlier attempt of
-    its stream], what its backtrack kept (`kept_state`)] for the episodes that J covers: what μ's progress bonus says
-    beyond the environment's verdict."""
+    its stream], what its backtrack line kept (`kept_state`: by attempt the line opening z_j, by state the one closing
+    it)] for the episodes, cut `by` as in `split_episodes`, that J covers: what μ's bonus says beyond the verdict."""
     parsed = tasks.parse_output(tasks.decode(t for e in episodes for t in e))
     aligned = len(parsed.attempts) == len(episodes)
     attempts = [task.checked(a) for a in parsed.attempts]
     keys = [tasks.answer_key(task, a) for a in attempts] if aligned else [None] * len(episodes)
-    kept = [kept_state(task, problem, parsed, j) if aligned else NONE_KEPT for j in range(len(episodes))]
+    opens = int(by == "state")  # episode j's backtrack line opens attempt j + opens
+    kept = [kept_state(task, problem, parsed, j + opens) if aligned else NONE_KEPT for j in range(len(episodes))]
     verdict = lambda e: 1 if tasks.REACHED_ID in e else 0 if tasks.MISSED_ID in e else -1
     return [[j, bonus, verdict(episodes[j]), int(keys[j] is not None and keys[j] in keys[:j]), kept[j]]
             for j, bonus in zip(range(len(episodes)), mrt.progress_bonus(J))]
@@ -113,7 +116,7 @@ def episode_bonuses(task, problem, episodes, J) -> list:
 
 # What a backtrack line keeps of the attempt before it. The solver judges a state alive (the target can still be
 # reached from it) or dead: a measurement only, never shown to the model.
-NONE_KEPT, NO_STEP, ALIVE, DEAD = -1, 0, 1, 2  # NONE_KEPT: z_0, or a malformed backtrack line
+NONE_KEPT, NO_STEP, ALIVE, DEAD = -1, 0, 1, 2  # NONE_KEPT: no backtrack line, or a malformed one
 
 
 def is_alive(task, problem, steps) -> bool:
@@ -123,8 +126,8 @@ def is_alive(task, problem, steps) -> bool:
 
 
 def kept_state(task, problem, parsed: tasks.Parsed, j: int) -> int:
-    """What the backtrack line opening attempt j keeps of attempt j−1: NO_STEP, an ALIVE or a DEAD state, NONE_KEPT."""
-    keep = parsed.backtracks[j - 1] if j else None
+    """What the backtrack line opening attempt j keeps of attempt j−1: NO_STEP, ALIVE, DEAD, NONE_KEPT (no line)."""
+    keep = parsed.backtracks[j - 1] if 0 < j <= len(parsed.backtracks) else None
     if keep is None:
         return NONE_KEPT
     kept = parsed.attempts[j - 1][:keep]
@@ -185,10 +188,9 @@ def bonus_measures(evals: list[dict], seed: int = 0) -> dict:
     problem, j, bonus, verdict, repeat, kept = rows.T
     reached, missed, later = verdict == 1, verdict == 0, j > 0
     kinds = {"missed z_0": ~later & missed, "reached z_0": ~later & reached, "later reached": later & reached,
-             "later missed, new": later & missed & (repeat == 0),
-             "later missed, repeat": later & missed & (repeat == 1), "unfinished": verdict == -1,
-             "keeps no step": later & (kept == NO_STEP), "keeps an alive state": later & (kept == ALIVE),
-             "keeps a dead state": later & (kept == DEAD)}
+             "later missed, new": later & missed & (repeat == 0), "unfinished": verdict == -1,
+             "later missed, repeat": later & missed & (repeat == 1), "keeps no step": kept == NO_STEP,
+             "keeps an alive state": kept == ALIVE, "keeps a dead state": kept == DEAD}
     corr = float(np.corrcoef(bonus, reached)[0, 1]) if len(rows) > 1 and bonus.std() and reached.std() else None
     mean = lambda p, x: {"n": len(x), **pooled_mean(p, x, len(evals[0]["episode_bonuses"]), seed)}
     return {"corr_with_reached": corr, **{k: mean(problem[w], bonus[w]) for k, w in kinds.items()}}
@@ -486,18 +488,16 @@ def print_search(results: dict):
           f"{'repeat':>9}")
     for name, a in results["later_attempts"].items():
         b = results["progress_bonus"][name]
-        new = b["later missed, new"]
-        repeat = b["later missed, repeat"]
         print(f"{name:<13}{a['per_stream']:>11.2f}{show(a['success']):>8}{show(a['base_first_attempt']):>10}"
-              f"{show(a['repeats'], '.1%'):>9}{a['never_answer']:>11.1%}{show(new['mean'], '+.3f'):>11}"
-              f"{show(repeat['mean'], '+.3f'):>9}")
+              f"{show(a['repeats'], '.1%'):>9}{a['never_answer']:>11.1%}"
+              f"{show(b['later missed, new']['mean'], '+.3f'):>11}{show(b['later missed, repeat']['mean'], '+.3f'):>9}")
 
 
 def print_progress(results: dict):
     """What a backtrack keeps, and whether μ's J and bonus tell an alive state (target still reachable) from a dead."""
     print("\nbacktracks: per stream, share that keep a step, share of kept states alive; states inside an attempt:")
-    print("share alive, J(μ) after an alive / a dead one; μ's mean bonus of a later episode that keeps 0 steps / an")
-    print("alive / a dead state (alive: the solver can still reach the target from it; never shown to the model)")
+    print("share alive, J(μ) after an alive / a dead one; μ's mean bonus of an episode whose backtrack keeps 0")
+    print("steps / an alive / a dead state (alive: the solver can reach the target from it; never shown to the model)")
     print(f"{'':<13}{'per stream':>11}{'keep':>7}{'alive':>7}{'inside: alive':>15}{'J alive':>9}{'J dead':>8}"
           f"{'keeps 0':>10}{'alive':>8}{'dead':>8}")
     for name, b in results["backtracks"].items():

@@ -1111,6 +1111,31 @@ def test_backtracks_count_the_steps_they_keep_and_whether_the_kept_state_is_aliv
     assert measures["kept_alive"]["mean"] == 0.5 and measures["steps_kept"]["mean"] == pytest.approx(2 / 3)
 
 
+def test_by_state_an_episode_is_judged_by_what_its_closing_backtrack_line_keeps():
+    problem, J = ((1, 2, 3), 6), [0.25, 0.5, 1.0]
+    by_state = evaluation.episode_bonuses(TASK, problem, mrt.split_episodes(encode(KEEPS_ALIVE), "state"), J, "state")
+    by_attempt = evaluation.episode_bonuses(TASK, problem, mrt.split_episodes(encode(KEEPS_ALIVE)), J)
+    # By state z_0 ends with `<|backtrack|>1`, which keeps the alive "1+2=3"; by attempt that line opens z_1.
+    assert by_state == [[0, 0.25, 0, 0, evaluation.ALIVE], [1, 0.5, 1, 0, evaluation.NONE_KEPT]]
+    assert [row[4] for row in by_attempt] == [evaluation.NONE_KEPT, evaluation.ALIVE]
+    measures = evaluation.bonus_measures([{"episode_bonuses": [by_state]}])
+    assert measures["keeps an alive state"]["n"] == 1 and measures["keeps an alive state"]["mean"] == 0.25
+
+
+def test_the_evaluation_cuts_episodes_and_has_mu_read_them_as_rl_does(monkeypatch):
+    seen = []
+    cut, values = mrt.split_episodes, mrt.episode_values
+    monkeypatch.setattr(mrt, "split_episodes", lambda thinking, by="attempt": seen.append(by) or cut(thinking, by))
+    monkeypatch.setattr(mrt, "episode_values", lambda *a, reads_state=False, **k: seen.append(reads_state)
+                        or values(*a, reads_state=reads_state, **k))
+    problems = tasks.make_split(TASK, 10, 2, seed=0)[1]
+    for episodes, reads_state in (("state", True), ("attempt", False)):
+        seen.clear()
+        cfg = train.Config(eval_streams=2, value_streams=1, max_episodes=2, budget_step=64, episodes=episodes)
+        evaluation.evaluate(tiny_model(block_size=128), TASK, problems, cfg, torch.device("cpu"))
+        assert seen[:3] == [episodes, episodes, reads_state]  # the two value streams' cut, then what μ reads
+
+
 def test_J_after_each_step_inside_an_attempt_pairs_the_state_the_solver_judges_with_what_mu_answers_there():
     problem, thinking = ((1, 2, 3), 6), encode(KEEPS_DEAD + "1+2=3\n")
     # Inside an attempt (no verdict after the line): "3-1=2\n" ends at token 6, dead; "1+2=3\n" after `<|backtrack|>0`
