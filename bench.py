@@ -45,8 +45,7 @@ def matmul_peak(device) -> float:
 
 
 def bench_training(cfg, device, peak) -> dict:
-    """tokens/s and model FLOP utilisation (6·N·tokens/s ÷ peak) of one SFT step at the preset's model size and batch,
-    on real data."""
+    """tokens/s and model FLOP utilisation (6·N·tokens/s ÷ peak) of one SFT step at the preset's sizes, on real data."""
     task = train.make_task(cfg)
     problems = tasks.make_split(task, 512, 1, cfg.seed)[0]
     examples = tasks.base_examples(task, problems, cfg.solutions_per_problem, cfg.cut_prob, random.Random(0))
@@ -100,9 +99,8 @@ def bench_environment(cfg, device, model, problems=128) -> dict:
 
 
 def environment_share(sample, device) -> float:
-    """Share of a sampling call's wall time spent in the environment's host-side Python (`EnvironmentHook.listen`:
-    mirror the step's ids, decode each row's new ids, compute results and verdicts, queue replies), the GPU's queue
-    drained before each step."""
+    """Share of a sampling call's wall time spent in the environment's host-side Python (`EnvironmentHook.listen`), the
+    GPU's queue drained before each step."""
     spent, real = [], model.EnvironmentHook.listen
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 

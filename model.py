@@ -196,8 +196,7 @@ class Generation:
 
 
 def sample_next(logits, temperature: float, banned, generator):
-    """Draw one token per row from (B, V) logits, never an id that `banned` (V,) marks; returns the ids and their
-    log-probs."""
+    """Draw one token per row from (B, V) logits, never an id `banned` (V,) marks: the ids and their log-probs."""
     logits = logits.float().masked_fill(banned, float("-inf"))
     if temperature == 0:  # greedy: the log-prob is that of the model's own (temperature 1) distribution
         tok = logits.argmax(-1)

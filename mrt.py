@@ -159,10 +159,7 @@ def episode_values(meta_prover, problems, prompts, episode_lists, n_rollouts, ma
         return state_context(meta_prover.task, problem, prompt, thinking) if reads_state else \
             forced_answer_context(prompt, thinking)
 
-    if max_episodes is None:
-        n_episodes = [len(episodes) for episodes in episode_lists]  # k per stream
-    else:
-        n_episodes = [max_episodes] * len(episode_lists)
+    n_episodes = [max_episodes or len(episodes) for episodes in episode_lists]  # k per stream (all of them if None)
     forced_problems = [p for p, k in zip(problems, n_episodes) for _ in range(k + 1)]
     forced_contexts = [context(p, prompt, episodes[:j])  # μ's input after j episodes
                        for p, prompt, episodes, k in zip(problems, prompts, episode_lists, n_episodes)
