@@ -18,7 +18,7 @@ from model import autocast
 PASS_K = (1, 2, 4, 8)  # pass@k for these k (those up to --eval-streams)
 LATER = 4  # the anatomy of later attempts tells z_1, z_2, z_3 apart and pools z_4 and after
 RATES = ["backtrack_after_wrong_first", "backtrack_after_right_first", "wrong_first_ending_on_target"]
-COMPARED = ["accuracy", "first_attempt_accuracy", "thinking_tokens", "regret", "budget_accuracy", "budget_regret"]
+COMPARED = ["accuracy", "first_attempt_accuracy", "thinking_tokens", "regret", "budget_accuracy"]
 
 
 # ----------------------------------------------------------------------------- scoring one model
@@ -73,8 +73,7 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         "wrong_first_ending_on_target": pooled(column("ends_on_target"), 1 - first_right),
         "episode_bonuses": [[row for i in range(v) for row in bonus_rows[p * v + i]] for p in range(P)],
         "step_states": [[row for i in range(v) for row in states[p * v + i]] for p in range(P)],  # [alive, J]
-        # [backtracks, those that keep a step, whose kept state is alive, steps kept], summed over a problem's streams
-        "backtracks": np.array([s["backtracks"] for s in parsed]).reshape(P, m, 4).sum(1).tolist(),
+        "backtracks": np.array([s["backtracks"] for s in parsed]).reshape(P, m, 6).sum(1).tolist(),  # see below
     }
 
 
@@ -104,11 +103,10 @@ def episode_bonuses(task, problem, episodes, J, by: str = "attempt") -> list:
     its stream], what its backtrack line kept (`kept_state`: by attempt the line opening z_j, by state the one closing
     it)] for the episodes, cut `by` as in `split_episodes`, that J covers: what μ's bonus says beyond the verdict."""
     parsed = tasks.parse_output(tasks.decode(t for e in episodes for t in e))
-    aligned = len(parsed.attempts) == len(episodes)
-    attempts = [task.checked(a) for a in parsed.attempts]
-    keys = [tasks.answer_key(task, a) for a in attempts] if aligned else [None] * len(episodes)
-    opens = int(by == "state")  # episode j's backtrack line opens attempt j + opens
-    kept = [kept_state(task, problem, parsed, j + opens) if aligned else NONE_KEPT for j in range(len(episodes))]
+    # By state, a stream that ends in a backtrack line has one attempt more than episodes: the one that line opens.
+    aligned = len(parsed.attempts) - len(episodes) in ((0, 1) if by == "state" else (0,))
+    keys = [tasks.answer_key(task, task.checked(a)) for a in parsed.attempts] if aligned else [None] * len(episodes)
+    kept = [episode_kept(task, problem, parsed, j, e, by) if aligned else NONE_KEPT for j, e in enumerate(episodes)]
     verdict = lambda e: 1 if tasks.REACHED_ID in e else 0 if tasks.MISSED_ID in e else -1
     return [[j, bonus, verdict(episodes[j]), int(keys[j] is not None and keys[j] in keys[:j]), kept[j]]
             for j, bonus in zip(range(len(episodes)), mrt.progress_bonus(J))]
@@ -126,8 +124,9 @@ def is_alive(task, problem, steps) -> bool:
 
 
 def kept_state(task, problem, parsed: tasks.Parsed, j: int) -> int:
-    """What the backtrack line opening attempt j keeps of attempt j−1: NO_STEP, ALIVE, DEAD, NONE_KEPT (no line)."""
-    keep = parsed.backtracks[j - 1] if 0 < j <= len(parsed.backtracks) else None
+    """What the backtrack line opening attempt j keeps of attempt j−1: NO_STEP, ALIVE, DEAD, NONE_KEPT (none, or
+    a malformed one)."""
+    keep = parsed.backtracks[j - 1] if j else None
     if keep is None:
         return NONE_KEPT
     kept = parsed.attempts[j - 1][:keep]
@@ -136,13 +135,23 @@ def kept_state(task, problem, parsed: tasks.Parsed, j: int) -> int:
     return ALIVE if is_alive(task, problem, kept) else DEAD
 
 
+def episode_kept(task, problem, parsed: tasks.Parsed, j: int, episode: list[int], by: str) -> int:
+    """What episode j's backtrack line keeps (`kept_state`): by attempt the line that opens it, by state the one that
+    closes it (NONE_KEPT for a last episode that ends without a whole backtrack line)."""
+    has_line = by == "attempt" or (episode[-1] == tasks.NEWLINE_ID and tasks.BACKTRACK_ID in episode)
+    return kept_state(task, problem, parsed, j + (by == "state")) if has_line else NONE_KEPT
+
+
 def backtrack_counts(task, problem, parsed: tasks.Parsed) -> list[int]:
-    """[backtracks, those that keep a step, those whose kept state is ALIVE, steps kept] of one stream, counting the
-    well-formed backtrack lines only."""
+    """[backtracks, those that keep a step, those whose kept state is ALIVE, steps kept, those after an attempt whose
+    first step is alive, those of them that keep a step] of one stream, counting well-formed backtrack lines only."""
     well_formed = [j for j in range(1, len(parsed.attempts)) if parsed.backtracks[j - 1] is not None]
     kinds = [kept_state(task, problem, parsed, j) for j in well_formed]
+    keeps = [kind != NO_STEP for kind in kinds]
     steps_kept = [len(parsed.attempts[j - 1][:parsed.backtracks[j - 1]]) for j in well_formed]
-    return [len(well_formed), len(kinds) - kinds.count(NO_STEP), kinds.count(ALIVE), sum(steps_kept)]
+    first_alive = [is_alive(task, problem, parsed.attempts[j - 1][:1]) for j in well_formed]
+    return [len(well_formed), sum(keeps), kinds.count(ALIVE), sum(steps_kept), sum(first_alive),
+            sum(k and a for k, a in zip(keeps, first_alive))]
 
 
 def step_ends(task, problem, thinking: list[int]) -> list[tuple[int, bool]]:
@@ -172,8 +181,7 @@ def state_values(meta_prover, task, problems, prompts, completions, n_rollouts=1
         for end, alive in step_ends(task, problem, thinking):
             owners.append((i, int(alive)))
             contexts.append(prompt + thinking[:end] + [tasks.ANSWER_ID])
-    context_problems = [problems[i] for i, _ in owners]
-    J = mrt.estimate_success(meta_prover, context_problems, contexts, n_rollouts) if contexts else []
+    J = mrt.estimate_success(meta_prover, [problems[i] for i, _ in owners], contexts, n_rollouts) if contexts else []
     out = [[] for _ in problems]
     for (i, alive), value in zip(owners, J):
         out[i].append([alive, value])
@@ -181,19 +189,17 @@ def state_values(meta_prover, task, problems, prompts, completions, n_rollouts=1
 
 
 def bonus_measures(evals: list[dict], seed: int = 0) -> dict:
-    """Pooled over streams and seeds: corr(r_prg, 1[reached]) and the mean bonus of each kind of episode, with a 95%
-    bootstrap interval that redraws test problems (a problem's episodes go together: they are not independent)."""
-    rows = np.array([[p, *r] for e in evals for p, rs in enumerate(e["episode_bonuses"]) for r in rs],
-                    dtype=float).reshape(-1, 6)
+    """Pooled over streams and seeds: the mean bonus of each kind of episode, with a 95% bootstrap interval that redraws
+    test problems (a problem's episodes go together: they are not independent)."""
+    rows = np.array([[p, *r] for e in evals for p, rs in enumerate(e["episode_bonuses"]) for r in rs]).reshape(-1, 6)
     problem, j, bonus, verdict, repeat, kept = rows.T
     reached, missed, later = verdict == 1, verdict == 0, j > 0
     kinds = {"missed z_0": ~later & missed, "reached z_0": ~later & reached, "later reached": later & reached,
              "later missed, new": later & missed & (repeat == 0), "unfinished": verdict == -1,
              "later missed, repeat": later & missed & (repeat == 1), "keeps no step": kept == NO_STEP,
              "keeps an alive state": kept == ALIVE, "keeps a dead state": kept == DEAD}
-    corr = float(np.corrcoef(bonus, reached)[0, 1]) if len(rows) > 1 and bonus.std() and reached.std() else None
     mean = lambda p, x: {"n": len(x), **pooled_mean(p, x, len(evals[0]["episode_bonuses"]), seed)}
-    return {"corr_with_reached": corr, **{k: mean(problem[w], bonus[w]) for k, w in kinds.items()}}
+    return {k: mean(problem[w], bonus[w]) for k, w in kinds.items()}
 
 
 def pooled_mean(problem: np.ndarray, x: np.ndarray, n_problems: int, seed: int = 0) -> dict:
@@ -273,7 +279,6 @@ def measures(evals: list[dict]) -> dict:
         **{f"pass@{k}": np.vectorize(lambda c: pass_at_k(m, int(c), k))(get("successes")) for k in PASS_K if k <= m},
         "J": J, "regret": np.apply_along_axis(mrt.cumulative_regret, -1, J),  # [..., k-1]: Δ_k, J(π*) = 1
         "budget_accuracy": forced,
-        "budget_regret": (1 - forced).sum(-1),  # Σ_B (J(π*) − accuracy at B) over the budget grid
         "restarts": restarts,  # [..., b]
         # Budget-forced accuracy ends in μ's unchecked answer: its restarts get one where none reached, μ's at B = 0.
         "restarts_then_answer": 1 - (1 - restarts) * (1 - forced[..., :1]),  # budgets[0] = 0: ≈ J(μ | x)
@@ -348,19 +353,21 @@ def attempt_anatomy(evals: list[dict], base: dict) -> dict:
 
 
 def backtrack_measures(evals: list[dict], seed: int = 0) -> dict:
-    """Pooled over all streams and seeds: backtracks per stream, the share that keep at least one step, the steps a
-    backtrack keeps, and the share of kept states that are alive; intervals redraw test problems."""
-    backtracks, keeping, alive, steps = np.sum([e["backtracks"] for e in evals], axis=0).T  # (P,) each
+    """Pooled over all streams and seeds: backtracks per stream, the share that keep a step (of all; after an alive /
+    a dead first step: does the model keep where it pays?), the steps kept, the share of kept states alive."""
+    counts = np.sum([e["backtracks"] for e in evals], axis=0).T  # (6, P): backtrack_counts's, per problem
+    backtracks, keeping, alive, steps, first_alive, keeping_first_alive = counts
     streams = len(evals) * evals[0]["streams"] * len(backtracks)
     return {"per_stream": float(backtracks.sum() / streams), "keep_a_step": ratio_interval(keeping, backtracks, seed),
+            "keep_if_first_step_alive": ratio_interval(keeping_first_alive, first_alive, seed),
+            "keep_if_first_step_dead": ratio_interval(keeping - keeping_first_alive, backtracks - first_alive, seed),
             "steps_kept": ratio_interval(steps, backtracks, seed), "kept_alive": ratio_interval(alive, keeping, seed)}
 
 
 def step_state_measures(evals: list[dict], seed: int = 0) -> dict:
     """Pooled over the value streams' states inside an attempt: the share that are alive, and J(μ) after an alive
     and after a dead one (does μ see progress inside an attempt?); intervals redraw test problems."""
-    rows = np.array([[p, *r] for e in evals for p, rs in enumerate(e["step_states"]) for r in rs],
-                    dtype=float).reshape(-1, 3)
+    rows = np.array([[p, *r] for e in evals for p, rs in enumerate(e["step_states"]) for r in rs]).reshape(-1, 3)
     problem, alive, J = rows.T
     P = len(evals[0]["step_states"])
     return {"alive": pooled_mean(problem, alive, P, seed),
@@ -414,8 +421,7 @@ def machine(device: torch.device) -> str:
 
 # ----------------------------------------------------------------------------- reporting
 def cell(s: dict, i=None, digits=3, star=True, interval=True) -> str:
-    """`mean [low, high]` (or the signed mean alone, for a narrow column); for a difference (star=True), a * where the
-    interval excludes 0."""
+    """`mean [low, high]`, or the signed mean alone (interval=False); with star, a * where the interval excludes 0."""
     mean, low, high = (s[k] if i is None else s[k][i] for k in ("mean", "low", "high"))
     text = f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]" if interval else f"{mean:+.{digits}f}"
     return text + ("*" if star and (low > 0 or high < 0) else " ")
@@ -495,15 +501,17 @@ def print_search(results: dict):
 
 def print_progress(results: dict):
     """What a backtrack keeps, and whether μ's J and bonus tell an alive state (target still reachable) from a dead."""
-    print("\nbacktracks: per stream, share that keep a step, share of kept states alive; states inside an attempt:")
-    print("share alive, J(μ) after an alive / a dead one; μ's mean bonus of an episode whose backtrack keeps 0")
-    print("steps / an alive / a dead state (alive: the solver can reach the target from it; never shown to the model)")
-    print(f"{'':<13}{'per stream':>11}{'keep':>7}{'alive':>7}{'inside: alive':>15}{'J alive':>9}{'J dead':>8}"
-          f"{'keeps 0':>10}{'alive':>8}{'dead':>8}")
+    print("\nbacktracks: per stream; share that keep a step: of all, after an alive / a dead first step; kept alive;")
+    print("inside an attempt: share of states alive, J(μ) after an alive / a dead one; μ's mean bonus of an episode")
+    print("whose backtrack keeps 0 steps / an alive / a dead state (alive: the solver can reach the target from it)")
+    print(f"{'':<13}{'per stream':>11}{'keep':>7}{'1st alive':>10}{'1st dead':>9}{'alive':>7}{'inside: alive':>15}"
+          f"{'J alive':>9}{'J dead':>8}{'keeps 0':>10}{'alive':>8}{'dead':>8}")
     for name, b in results["backtracks"].items():
         s = results["step_states"][name]
         bonus = results["progress_bonus"][name]
         print(f"{name:<13}{b['per_stream']:>11.2f}{show(b['keep_a_step']['mean'], '.0%'):>7}"
+              f"{show(b['keep_if_first_step_alive']['mean'], '.0%'):>10}"
+              f"{show(b['keep_if_first_step_dead']['mean'], '.0%'):>9}"
               f"{show(b['kept_alive']['mean'], '.0%'):>7}{show(s['alive']['mean'], '.0%'):>15}"
               f"{show(s['J after an alive state']['mean']):>9}{show(s['J after a dead state']['mean']):>8}"
               + "".join(f"{show(bonus[k]['mean'], '+.3f'):>{w}}" for k, w in

@@ -1103,12 +1103,15 @@ def test_backtracks_count_the_steps_they_keep_and_whether_the_kept_state_is_aliv
     problem = ((1, 2, 3), 6)
     dead = evaluation.backtrack_counts(TASK, problem, parse_output(KEEPS_DEAD))
     alive = evaluation.backtrack_counts(TASK, problem, parse_output(KEEPS_ALIVE))
-    assert dead == [2, 1, 0, 1] and alive == [1, 1, 1, 1]  # [backtracks, keeping a step, kept alive, steps kept]
+    # [backtracks, keeping a step, kept alive, steps kept, after an alive first step, of those keeping a step]
+    assert dead == [2, 1, 0, 1, 0, 0] and alive == [1, 1, 1, 1, 1, 1]
     kinds = [evaluation.kept_state(TASK, problem, parse_output(KEEPS_DEAD), j) for j in range(3)]
     assert kinds == [evaluation.NONE_KEPT, evaluation.DEAD, evaluation.NO_STEP]
-    measures = evaluation.backtrack_measures([{"streams": 2, "backtracks": [[3, 2, 1, 2]]}])
+    measures = evaluation.backtrack_measures([{"streams": 2, "backtracks": [[3, 2, 1, 2, 2, 1]]}])
     assert measures["per_stream"] == 1.5 and measures["keep_a_step"]["mean"] == pytest.approx(2 / 3)
     assert measures["kept_alive"]["mean"] == 0.5 and measures["steps_kept"]["mean"] == pytest.approx(2 / 3)
+    # Two of the three came after an alive first step, one of those keeps a step; the one after a dead one keeps one.
+    assert measures["keep_if_first_step_alive"]["mean"] == 0.5 and measures["keep_if_first_step_dead"]["mean"] == 1.0
 
 
 def test_by_state_an_episode_is_judged_by_what_its_closing_backtrack_line_keeps():
@@ -1120,6 +1123,13 @@ def test_by_state_an_episode_is_judged_by_what_its_closing_backtrack_line_keeps(
     assert [row[4] for row in by_attempt] == [evaluation.NONE_KEPT, evaluation.ALIVE]
     measures = evaluation.bonus_measures([{"episode_bonuses": [by_state]}])
     assert measures["keeps an alive state"]["n"] == 1 and measures["keeps an alive state"]["mean"] == 0.25
+    # A stream that ends in a backtrack line: by state its last episode is judged by that line too.
+    ends_in_a_line = mrt.split_episodes(encode(KEEPS_DEAD), "state")
+    assert [row[4] for row in evaluation.episode_bonuses(TASK, problem, ends_in_a_line, J, "state")] == \
+        [evaluation.DEAD, evaluation.NO_STEP]
+    cut_in_a_line = mrt.split_episodes(encode(KEEPS_DEAD)[:-1], "state")  # the room cut `<|backtrack|>0` short
+    assert [row[4] for row in evaluation.episode_bonuses(TASK, problem, cut_in_a_line, J, "state")] == \
+        [evaluation.DEAD, evaluation.NONE_KEPT]
 
 
 def test_the_evaluation_cuts_episodes_and_has_mu_read_them_as_rl_does(monkeypatch):
@@ -1128,12 +1138,15 @@ def test_the_evaluation_cuts_episodes_and_has_mu_read_them_as_rl_does(monkeypatc
     monkeypatch.setattr(mrt, "split_episodes", lambda thinking, by="attempt": seen.append(by) or cut(thinking, by))
     monkeypatch.setattr(mrt, "episode_values", lambda *a, reads_state=False, **k: seen.append(reads_state)
                         or values(*a, reads_state=reads_state, **k))
+    judged = evaluation.episode_bonuses
+    monkeypatch.setattr(evaluation, "episode_bonuses", lambda *a: seen.append(a[-1]) or judged(*a))
     problems = tasks.make_split(TASK, 10, 2, seed=0)[1]
     for episodes, reads_state in (("state", True), ("attempt", False)):
         seen.clear()
         cfg = train.Config(eval_streams=2, value_streams=1, max_episodes=2, budget_step=64, episodes=episodes)
         evaluation.evaluate(tiny_model(block_size=128), TASK, problems, cfg, torch.device("cpu"))
         assert seen[:3] == [episodes, episodes, reads_state]  # the two value streams' cut, then what μ reads
+        assert seen[-2:] == [episodes, episodes]  # how their episodes are judged
 
 
 def test_J_after_each_step_inside_an_attempt_pairs_the_state_the_solver_judges_with_what_mu_answers_there():

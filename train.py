@@ -71,8 +71,7 @@ def make_optimizer(model: GPT, lr: float, weight_decay: float):
 
 
 def optimizer_step(model, optimizer, loss) -> torch.Tensor:
-    """Backpropagate, clip the gradient norm to 1, update; returns whether the loss and the gradient were finite, a
-    flag left on the device (see `check_finite`)."""
+    """Backpropagate, clip the gradient norm to 1, update; returns a device-side flag: were loss and gradient finite?"""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the total norm, before clipping
@@ -376,10 +375,9 @@ class Config:
     rl_lr: float = opt(1e-4, "RL learning rate (constant)")
     alpha: float = opt(1.0, "weight α of the progress bonus in the MRT reward", 0)
     mc_rollouts: int = opt(4, "meta-prover rollouts per prefix when estimating J(μ | x, z_{0:j})", 1)
-    episodes: str = opt("attempt", "where RL cuts a stream into the episodes of the progress bonus: attempt (at each "
-                                   "backtrack; μ reads the history) or state (after each backtrack line; μ reads the "
-                                   "steps it kept)",
-                        choices=["attempt", "state"])
+    episodes: str = opt("attempt", "where RL and the evaluation cut a stream into the episodes of the progress bonus: "
+                                   "attempt (at each backtrack; μ reads the history) or state (after each backtrack "
+                                   "line; μ reads the steps it kept)", choices=["attempt", "state"])
     train_room: int = opt(64, "room of a whole completion (thinking and answer) in warm-start sampling and RL", 1)
     rl_seeds: int = opt(1, "RL seeds (each runs every arm from one warm start, or its own: --warm-per-seed)", 1)
     warm_per_seed: bool = opt(False, "each RL seed starts from its own warm start, drawn with that seed (its traces, "
