@@ -73,7 +73,7 @@ def evaluate(model, task, problems, cfg, device) -> dict:
         "wrong_first_ending_on_target": pooled(column("ends_on_target"), 1 - first_right),
         "episode_bonuses": [[row for i in range(v) for row in bonus_rows[p * v + i]] for p in range(P)],
         "step_states": [[row for i in range(v) for row in states[p * v + i]] for p in range(P)],  # [alive, J]
-        "backtracks": np.array([s["backtracks"] for s in parsed]).reshape(P, m, 6).sum(1).tolist(),  # see below
+        "backtracks": np.array([s["backtracks"] for s in parsed]).reshape(P, m, 6).sum(1).tolist(),  # backtrack_counts
     }
 
 
@@ -99,9 +99,9 @@ def budget_accuracy(meta_prover, task, problems, prompts, completions, budgets, 
 
 
 def episode_bonuses(task, problem, episodes, J, by: str = "attempt") -> list:
-    """[j, r_prg(z_j), its verdict (1 reached, 0 missed, -1 none: unfinished), 1[z_j repeats an earlier attempt of
-    its stream], what its backtrack line kept (`kept_state`: by attempt the line opening z_j, by state the one closing
-    it)] for the episodes, cut `by` as in `split_episodes`, that J covers: what μ's bonus says beyond the verdict."""
+    """[j, r_prg(z_j), its verdict (1 reached, 0 missed, -1 none: unfinished), 1[z_j repeats an earlier attempt], what
+    its backtrack line kept (`episode_kept`: by attempt the one opening z_j, by state the one closing it)] for the
+    episodes, cut `by` as in `split_episodes`, that J covers: what μ's progress bonus says beyond the verdict."""
     parsed = tasks.parse_output(tasks.decode(t for e in episodes for t in e))
     # By state, a stream that ends in a backtrack line has one attempt more than episodes: the one that line opens.
     aligned = len(parsed.attempts) - len(episodes) in ((0, 1) if by == "state" else (0,))
