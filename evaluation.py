@@ -149,7 +149,7 @@ def backtrack_counts(task, problem, parsed: tasks.Parsed) -> list[int]:
     kinds = [kept_state(task, problem, parsed, j) for j in well_formed]
     keeps = [kind != NO_STEP for kind in kinds]
     steps_kept = [len(parsed.attempts[j - 1][:parsed.backtracks[j - 1]]) for j in well_formed]
-    first_alive = [is_alive(task, problem, parsed.attempts[j - 1][:1]) for j in well_formed]
+    first_alive = [bool(a) and is_alive(task, problem, a[:1]) for a in (parsed.attempts[j - 1] for j in well_formed)]
     return [len(well_formed), sum(keeps), kinds.count(ALIVE), sum(steps_kept), sum(first_alive),
             sum(k and a for k, a in zip(keeps, first_alive))]
 
